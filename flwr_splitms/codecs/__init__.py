@@ -1,0 +1,33 @@
+"""Compression codecs for cut-layer activations: MS and the paper's baselines.
+
+>>> from flwr_splitms.codecs import get_codec, Payload
+>>> codec = get_codec("ms", ratio=0.99, bits=2)
+>>> payload = codec.encode(x)                      # doctest: +SKIP
+>>> x_hat = codec.decode(Payload.from_bytes(payload.to_bytes()))  # doctest: +SKIP
+
+Codecs (``get_codec(name, **params)``):
+
+* ``none`` -- raw values (``identity``)
+* ``qu``   -- b-bit min-max uniform quantization (``quantize``)
+* ``sp``   -- Top-k sparsification, bitmap or index positions (``topk``)
+* ``rt``   -- randomized Top-k of Zheng et al. (``randtopk``)
+* ``ms``   -- Mask-Encoded Sparsification, the paper's method (``ms``)
+
+The wire format and its header overhead are documented in ``payload``.
+"""
+
+from . import identity, ms, quantize, randtopk, topk  # noqa: F401  (register the codecs)
+from .base import Codec
+from .error import compression_error
+from .payload import Payload, PayloadError, decode_bytes
+from .registry import codec_names, get_codec
+
+__all__ = [
+    "Codec",
+    "Payload",
+    "PayloadError",
+    "codec_names",
+    "compression_error",
+    "decode_bytes",
+    "get_codec",
+]

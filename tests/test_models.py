@@ -1,0 +1,217 @@
+"""Split networks: cut shapes, exact split equivalence, parameter bookkeeping, cut errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from flwr_splitms.models import (
+    ARCHS,
+    CUT_NAMES,
+    cut_index,
+    describe_cuts,
+    full_model,
+    input_shape,
+    num_stages,
+    split_model,
+)
+
+# DESIGN.md, "Models and cut points": per-sample activation shapes of the named cuts.
+EXPECTED_SHAPES = {
+    ("vgg19", "shallow"): (64, 16, 16),
+    ("vgg19", "medium"): (256, 4, 4),
+    ("vgg19", "deep"): (512, 2, 2),
+    ("resnet18", "shallow"): (64, 32, 32),
+    ("resnet18", "medium"): (128, 16, 16),
+    ("resnet18", "deep"): (256, 8, 8),
+    ("resnet34", "shallow"): (64, 56, 56),
+    ("resnet34", "medium"): (128, 28, 28),
+    ("resnet34", "deep"): (256, 14, 14),
+}
+NUM_CLASSES = {"vgg19": 10, "resnet18": 100, "resnet34": 1000}
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.fixture(scope="module")
+def full_models() -> dict[str, nn.Sequential]:
+    """One seeded full model per arch (seed 0), built once for the module."""
+    models = {}
+    for arch in ARCHS:
+        torch.manual_seed(0)
+        models[arch] = full_model(arch, NUM_CLASSES[arch])
+    return models
+
+
+def _input(arch: str, batch: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(batch, *input_shape(arch), generator=g)
+
+
+@pytest.mark.parametrize(("arch", "cut"), sorted(EXPECTED_SHAPES))
+def test_named_cut_shapes_and_exact_split(
+    arch: str, cut: str, full_models: dict[str, nn.Sequential]
+) -> None:
+    torch.manual_seed(0)
+    client, server = split_model(arch, cut, num_classes=NUM_CLASSES[arch])
+    full = full_models[arch]
+    # Same seed -> the split parts carry exactly the full model's parameters, under its keys.
+    split_state = {**client.state_dict(), **server.state_dict()}
+    full_state = full.state_dict()
+    assert split_state.keys() == full_state.keys()
+    assert all(torch.equal(split_state[k], full_state[k]) for k in full_state)
+    assert _params(client) + _params(server) == _params(full)
+    assert not any(isinstance(m, nn.Linear) for m in client.modules())
+    assert isinstance(server[-1][-1], nn.Linear)
+
+    x = _input(arch, batch=1 if arch == "resnet34" else 2)
+    for train in (False, True):
+        # Fresh copies with identical state on both paths, so train-mode BatchNorm (which
+        # updates running statistics) starts from the same buffers.
+        c, s, f = copy.deepcopy(client), copy.deepcopy(server), copy.deepcopy(full)
+        for m in (c, s, f):
+            m.train(train)
+        with torch.no_grad():
+            act = c(x)
+            out = s(act)
+            ref = f(x)
+        assert tuple(act.shape) == (x.shape[0], *EXPECTED_SHAPES[(arch, cut)])
+        assert out.shape == (x.shape[0], NUM_CLASSES[arch])
+        assert torch.equal(out, ref), (arch, cut, train)
+        if train:  # the running statistics moved identically too
+            moved = {**c.state_dict(), **s.state_dict()}
+            assert all(torch.equal(moved[k], v) for k, v in f.state_dict().items())
+
+
+@pytest.mark.parametrize("arch", ["vgg19", "resnet18"])
+def test_every_integer_cut_is_exact(arch: str, full_models: dict[str, nn.Sequential]) -> None:
+    full = copy.deepcopy(full_models[arch]).eval()
+    x = _input(arch)
+    with torch.no_grad():
+        ref = full(x)
+        for i in range(1, num_stages(arch)):
+            client, server = split_model(arch, i, model=full)
+            assert len(client) == i and len(server) == num_stages(arch) - i
+            assert client[0] is full[0] and server[-1] is full[-1]  # shares, does not copy
+            assert torch.equal(server(client(x)), ref), (arch, i)
+
+
+def test_split_gradients_match_full_model(full_models: dict[str, nn.Sequential]) -> None:
+    """Backward through client and server = backward through the full network."""
+    full = copy.deepcopy(full_models["resnet18"]).train()
+    client, server = split_model("resnet18", "medium", model=copy.deepcopy(full))
+    x, y = _input("resnet18"), torch.tensor([3, 7])
+    nn.functional.cross_entropy(full(x), y).backward()
+    act = client(x)
+    act_in = act.detach().requires_grad_(True)  # what a split server receives
+    nn.functional.cross_entropy(server(act_in), y).backward()
+    act.backward(act_in.grad)
+    grads = {n: p.grad for part in (client, server) for n, p in part.named_parameters()}
+    for name, p in full.named_parameters():
+        assert p.grad is not None and torch.allclose(grads[name], p.grad, atol=1e-6), name
+
+
+def test_state_dict_round_trip_between_parts() -> None:
+    torch.manual_seed(0)
+    client_a, server_a = split_model("vgg19", "medium")
+    torch.manual_seed(1)
+    client_b, server_b = split_model("vgg19", "medium")
+    client_b.load_state_dict(client_a.state_dict())
+    server_b.load_state_dict(server_a.state_dict())
+    x = _input("vgg19")
+    client_a.eval(), server_a.eval(), client_b.eval(), server_b.eval()
+    with torch.no_grad():
+        assert torch.equal(server_a(client_a(x)), server_b(client_b(x)))
+
+
+def test_default_num_classes_and_input_shapes() -> None:
+    assert ARCHS == ("vgg19", "resnet18", "resnet34")
+    assert input_shape("vgg19") == input_shape("resnet18") == (3, 32, 32)
+    assert input_shape("resnet34") == (3, 224, 224)
+    _, server = split_model("vgg19", "deep")
+    assert server[-1].fc.out_features == 10
+    _, server = split_model("resnet18", "deep", num_classes=7)
+    assert server[-1].fc.out_features == 7
+
+
+def test_resnet_stems() -> None:
+    cifar = full_model("resnet18")
+    assert cifar.stem.conv1.kernel_size == (3, 3) and cifar.stem.conv1.stride == (1, 1)
+    assert not hasattr(cifar.stem, "maxpool")
+    imagenet = full_model("resnet34")
+    assert imagenet.stem.conv1.kernel_size == (7, 7) and imagenet.stem.conv1.stride == (2, 2)
+    assert isinstance(imagenet.stem.maxpool, nn.MaxPool2d)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cut_index_names_and_integers(arch: str) -> None:
+    last = num_stages(arch) - 1
+    assert [cut_index(arch, name) for name in CUT_NAMES] == sorted(
+        cut_index(arch, name) for name in CUT_NAMES
+    )
+    assert cut_index(arch, 1) == 1 and cut_index(arch, last) == last
+    assert cut_index(arch, " Shallow ") == cut_index(arch, "shallow")
+    assert cut_index(arch, "3") == 3
+    for bad in (0, last + 1, -1):
+        with pytest.raises(ValueError, match=rf"1\.\.{last}") as info:
+            split_model(arch, bad)
+        assert "'shallow', 'medium', 'deep'" in str(info.value)
+    for bad_cut in ("middle", 2.0, True, None):
+        with pytest.raises(ValueError, match="shallow"):
+            cut_index(arch, bad_cut)  # type: ignore[arg-type]
+
+
+def test_paper_layer_counts() -> None:
+    """Named cuts sit where the paper's Sec. 5.1 counts its layers (conv layers before the cut)."""
+    assert [cut_index("vgg19", c) for c in CUT_NAMES] == [2, 8, 15]  # one stage per conv
+
+    def convs(arch: str, cut: str) -> int:
+        client, _ = split_model(arch, cut)  # counting the main path's convs (no downsample)
+        return sum(
+            isinstance(m, nn.Conv2d) and "downsample" not in name
+            for name, m in client.named_modules()
+        )
+
+    assert [convs("resnet18", c) for c in CUT_NAMES] == [3, 9, 13]  # paper: 2, 9, 13
+    assert [convs("resnet34", c) for c in CUT_NAMES] == [3, 15, 27]  # paper: 2, 15, 27
+
+
+def test_unknown_arch_and_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="vgg19, resnet18, resnet34"):
+        split_model("resnet50", "shallow")
+    with pytest.raises(ValueError, match="vgg19"):
+        describe_cuts("alexnet")
+    with pytest.raises(ValueError, match="num_classes"):
+        full_model("resnet18", 0)
+    with pytest.raises(ValueError, match="stages"):
+        split_model("resnet34", "deep", model=full_model("resnet18"))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_describe_cuts(arch: str, full_models: dict[str, nn.Sequential]) -> None:
+    table = describe_cuts(arch, NUM_CLASSES[arch])
+    assert list(table.columns) == [
+        "cut",
+        "index",
+        "activation_shape",
+        "client_params",
+        "server_params",
+        "activation_bytes_per_sample",
+    ]
+    assert list(table["index"]) == list(range(1, num_stages(arch)))
+    total = _params(full_models[arch])
+    assert ((table["client_params"] + table["server_params"]) == total).all()
+    assert table["client_params"].is_monotonic_increasing
+    named = table[table["cut"] != ""]
+    assert list(named["cut"]) == list(CUT_NAMES)
+    for _, row in named.iterrows():
+        shape = EXPECTED_SHAPES[(arch, row["cut"])]
+        assert row["activation_shape"] == "x".join(map(str, shape))
+        assert row["activation_bytes_per_sample"] == 4.0 * shape[0] * shape[1] * shape[2]
+        client, _ = split_model(arch, row["cut"], model=full_models[arch])
+        assert row["client_params"] == _params(client)

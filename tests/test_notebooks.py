@@ -1,0 +1,116 @@
+"""The study notebooks run headless at a small size (nbclient), in a temporary working directory.
+
+Parameters are overridden the papermill way: a cell is injected after the cell tagged
+``parameters``. The notebooks in the repository carry no outputs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+TIMEOUT_S = 600  # per cell; each notebook takes well under 90 s at the sizes below
+
+# Smaller than the notebooks' defaults, to keep the suite fast.
+TEST_PARAMETERS: dict[str, dict[str, Any]] = {
+    "01_compression_error.ipynb": {
+        "SYNTHETIC_SIZE": 256,
+        "TRAIN_STEPS": 2,
+        "TRAIN_BATCH": 8,
+        "BATCH_SIZE": 8,
+        "NUM_BATCHES": 1,
+        "MASK_BITS": [2, 4],
+    },
+    "02_splitfed_convergence.ipynb": {
+        "SYNTHETIC_SIZE": 64,
+        "CUTS": ["deep"],
+        "NUM_CLIENTS": 2,
+        "ROUNDS": 2,
+        "STEPS_PER_ROUND": 1,
+        "BATCH_SIZE": 4,
+        "EVAL_MAX_EXAMPLES": 8,
+    },
+}
+
+
+def inject_parameters(nb: Any, values: dict[str, Any]) -> Any:
+    """Insert a cell assigning ``values`` right after the cell tagged ``parameters``."""
+    for index, cell in enumerate(nb.cells):
+        if "parameters" in cell.get("metadata", {}).get("tags", []):
+            break
+    else:
+        raise AssertionError("no cell tagged 'parameters'")
+    source = "\n".join(f"{name} = {value!r}" for name, value in values.items())
+    injected = nbformat.v4.new_code_cell(
+        "# Injected parameters\n" + source, metadata={"tags": ["injected-parameters"]}
+    )
+    nb.cells.insert(index + 1, injected)
+    return nb
+
+
+def execute(path: Path, values: dict[str, Any], workdir: Path) -> Any:
+    """Execute a copy of the notebook at ``path`` in ``workdir``; return the executed notebook."""
+    nb = inject_parameters(nbformat.read(path, as_version=4), values)
+    env_root = str(ROOT)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (env_root, os.environ.get("PYTHONPATH", "")) if p
+    )
+    client = nbclient.NotebookClient(
+        nb, timeout=TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": workdir}}
+    )
+    client.execute()
+    return nb
+
+
+def outputs_text(nb: Any) -> str:
+    parts = []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            parts.append(output.get("text", ""))
+            parts.append(str(output.get("data", {}).get("text/plain", "")))
+    return "\n".join(parts)
+
+
+@pytest.mark.parametrize("name", sorted(TEST_PARAMETERS))
+def test_notebook_is_committed_without_outputs(name: str):
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, "strip outputs"
+    tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1
+    for key in TEST_PARAMETERS[name]:
+        assert f"\n{key} = " in "\n" + tagged[0].source, f"{key} is not a parameter of {name}"
+
+
+def test_compression_error_notebook(tmp_path: Path):
+    nb = execute(
+        NOTEBOOKS / "01_compression_error.ipynb",
+        TEST_PARAMETERS["01_compression_error.ipynb"],
+        tmp_path,
+    )
+    text = outputs_text(nb)
+    assert "notebook ran in" in text
+    assert not (tmp_path / "docs").exists(), "figures are written only with SAVE_FIGURES"
+
+
+def test_convergence_notebook(tmp_path: Path):
+    values = {
+        **TEST_PARAMETERS["02_splitfed_convergence.ipynb"],
+        "OUTPUT_DIR": str(tmp_path / "runs"),
+        "PRESET_DIR": str(ROOT / "strategies"),
+    }
+    nb = execute(NOTEBOOKS / "02_splitfed_convergence.ipynb", values, tmp_path)
+    histories = sorted((tmp_path / "runs").rglob("history.csv"))
+    assert [p.parent.name for p in histories] == sorted(["ms", "none", "qu", "rt", "sp"])
+    assert "traffic_saving_multiplier" in outputs_text(nb)
+    assert not (tmp_path / "docs").exists(), "figures are written only with SAVE_FIGURES"

@@ -1,0 +1,139 @@
+import logging
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord
+from inprocess_grid import InProcessGrid
+from split_app import client_app, strategy
+
+from flwr_splitms import protocol as P
+from flwr_splitms.config import SplitConfig
+from flwr_splitms.experiment import evaluation_data
+from flwr_splitms.strategy import (
+    HISTORY_COLUMNS,
+    MSSplitStrategy,
+    SplitResult,
+    cast_like,
+    lr_at_round,
+    server_step,
+)
+
+
+def run(config: SplitConfig, grid: InProcessGrid, timeout: float = 60, **kwargs) -> tuple[SplitResult, MSSplitStrategy]:  # type: ignore[no-untyped-def]
+    client_net, strat = strategy(config, **kwargs)
+    result = strat.start(
+        grid,
+        P.state_to_record(client_net.state_dict()),
+        num_rounds=config.num_server_rounds,
+        timeout=timeout,
+        evaluate_fn=strat.central_evaluator(client_net, evaluation_data(config)),
+    )
+    return result, strat
+
+
+def test_lr_schedules() -> None:
+    assert lr_at_round(0.1, "constant", 7, 10) == 0.1
+    assert lr_at_round(0.1, "cosine", 1, 10) == pytest.approx(0.1)
+    assert lr_at_round(0.1, "cosine", 6, 10) == pytest.approx(0.05)
+    assert lr_at_round(0.1, "step", 6, 10) == pytest.approx(0.01)
+    assert lr_at_round(0.1, "step", 9, 10) == pytest.approx(0.001)
+    with pytest.raises(ValueError, match="unknown lr schedule"):
+        lr_at_round(0.1, "linear", 1, 2)
+
+
+def test_server_step_loss_is_the_mean_of_client_means() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 3))
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    acts = [torch.randn(2, 6), torch.randn(4, 6)]
+    labels = [torch.tensor([0, 1]), torch.tensor([2, 2, 1, 0])]
+    outcome = server_step(net, opt, acts, labels)
+    per_client = [
+        torch.nn.functional.cross_entropy(net(a), y).item() for a, y in zip(acts, labels, strict=True)
+    ]
+    assert outcome.loss == pytest.approx(np.mean(per_client), rel=1e-6)
+    assert outcome.client_losses == pytest.approx(per_client, rel=1e-6)
+    # Each client gets the gradient of its own mean loss.
+    x = acts[1].clone()
+    x.requires_grad_(True)
+    torch.nn.functional.cross_entropy(net(x), labels[1]).backward()
+    assert torch.allclose(outcome.gradients[1], x.grad, atol=1e-6)
+
+
+def test_cast_like_restores_dtypes() -> None:
+    reference = ArrayRecord({"w": Array(np.zeros(2, np.float32)), "n": Array(np.array(3))})
+    averaged = ArrayRecord({"w": Array(np.ones(2, np.float64)), "n": Array(np.array(2.9999))})
+    out = cast_like(averaged, reference)
+    assert out["w"].numpy().dtype == np.float32 and int(out["n"].numpy()) == 3
+
+
+def test_bad_codec_fails_at_construction() -> None:
+    with pytest.raises(ValueError):
+        MSSplitStrategy(torch.nn.Linear(2, 2), codec="ms", codec_params={"ratio": 1.5})
+
+
+def test_rounds_produce_history_and_weights(tiny_config: SplitConfig) -> None:
+    grid = InProcessGrid(client_app(), 3, tiny_config.to_run_config())
+    result, strat = run(tiny_config, grid)
+    history = result.history
+    assert isinstance(history, pd.DataFrame) and list(history["round"]) == [1, 2]
+    assert set(HISTORY_COLUMNS) <= set(history.columns)
+    assert (history["num_clients"] == 3).all() and (history["steps"] == 2).all()
+    raw = 3 * 2 * 4 * 64 * 32 * 32 * 4  # clients x steps x batch x activation bytes
+    assert (history["uplink_raw_bytes"] == raw).all()
+    assert (history["downlink_bytes"] == raw).all()
+    assert (raw / history["uplink_bytes"] > 12).all()  # MS 0.99/2 bits: ~13.8x fewer bytes
+    assert history["test_accuracy"].between(0, 1).all() and history["train_loss"].notna().all()
+    assert 0 < history["compression_error"].iloc[0] < 1
+    assert set(result.evaluate_metrics_serverapp) == {0, 1, 2}
+    # One begin, one step and one end message per client and round: one round trip per step.
+    kinds = pd.Series(grid.message_types).value_counts()
+    assert kinds[P.SPLIT_BEGIN] == kinds[P.SPLIT_STEP] == kinds[P.SPLIT_END] == 6
+    assert strat.history.equals(history)
+
+
+def test_failing_node_is_dropped_and_the_round_goes_on(
+    tiny_config: SplitConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tiny_config.replace(num_server_rounds=1)
+    grid = InProcessGrid(client_app(), 3, config.to_run_config())
+    grid.fail_after[1001] = 1  # answers split_begin, then fails
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        result, _ = run(config, grid)
+    assert "Node 1001 failed" in caplog.text
+    assert result.history["steps"].iloc[0] == 2 and result.train_metrics_clientapp
+    assert len(result.arrays) > 0
+
+
+def test_silent_node_times_out_and_is_dropped(
+    tiny_config: SplitConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tiny_config.replace(num_server_rounds=1, steps_per_round=1)
+    grid = InProcessGrid(client_app(), 2, config.to_run_config())
+    grid.silent_after[1000] = 1
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        result, _ = run(config, grid, timeout=2)
+    assert "Node 1000 did not answer" in caplog.text
+    assert result.train_metrics_clientapp  # FedAvg over the node that answered
+
+
+def test_round_without_any_client_keeps_the_weights(tiny_config: SplitConfig) -> None:
+    config = tiny_config.replace(num_server_rounds=1)
+    grid = InProcessGrid(client_app(), 2, config.to_run_config())
+    grid.fail_after.update({1000: 0, 1001: 0})
+    client_net, strat = strategy(config)
+    initial = P.state_to_record(client_net.state_dict())
+    result = strat.start(grid, initial, num_rounds=1, timeout=10)
+    assert result.arrays is initial and result.history["num_clients"].iloc[0] == 0
+
+
+def test_federated_evaluation_scores_local_test_splits(tiny_config: SplitConfig) -> None:
+    config = tiny_config.replace(num_server_rounds=1, local_test_fraction=0.25, fraction_evaluate=1.0)
+    grid = InProcessGrid(client_app(), 2, config.to_run_config())
+    result, _ = run(config, grid)
+    fed = result.evaluate_metrics_clientapp[1]
+    assert fed["num-examples"] > 0 and 0 <= fed["accuracy"] <= 1 and math.isfinite(fed["loss"])
+    assert "fed_test_accuracy" in result.history.columns
