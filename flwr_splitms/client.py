@@ -79,12 +79,12 @@ class StepSettings:
         """Parse the ConfigRecord of a split message."""
         name, params = P.parse_codec_spec(str(P.config_value(config, P.CODEC)))
         return cls(
-            server_round=int(P.config_value(config, P.ROUND)),  # type: ignore[arg-type]
-            lr=float(P.config_value(config, P.LR)),  # type: ignore[arg-type]
-            momentum=float(P.config_value(config, P.MOMENTUM)),  # type: ignore[arg-type]
-            weight_decay=float(P.config_value(config, P.WEIGHT_DECAY)),  # type: ignore[arg-type]
-            batch_size=int(P.config_value(config, P.BATCH_SIZE)),  # type: ignore[arg-type]
-            seed=int(P.config_value(config, P.SEED)),  # type: ignore[arg-type]
+            server_round=int(P.config_value(config, P.ROUND)),
+            lr=float(P.config_value(config, P.LR)),
+            momentum=float(P.config_value(config, P.MOMENTUM)),
+            weight_decay=float(P.config_value(config, P.WEIGHT_DECAY)),
+            batch_size=int(P.config_value(config, P.BATCH_SIZE)),
+            seed=int(P.config_value(config, P.SEED)),
             augment=bool(P.config_value(config, P.AUGMENT)),
             codec_name=name,
             codec_params=params,
@@ -104,14 +104,15 @@ class ClientState:
 
     def to_records(self) -> dict[str, ArrayRecord | ConfigRecord]:
         """The records this state occupies in ``context.state``."""
-        cursor: dict[str, int] = {"epoch": self.epoch, "position": self.position}
+        cursor = ConfigRecord({"epoch": self.epoch, "position": self.position})
         if self.pending is not None:
             keys = ("pending-epoch", "pending-position", "pending-round", "pending-step")
-            cursor.update(zip(keys, self.pending, strict=True))
+            for key, value in zip(keys, self.pending, strict=True):
+                cursor[key] = value
         return {
             P.STATE_WEIGHTS: P.state_to_record(self.weights),
             P.STATE_OPTIMIZER: P.state_to_record(self.momentum),
-            P.STATE_CURSOR: ConfigRecord(cursor),  # type: ignore[arg-type]
+            P.STATE_CURSOR: cursor,
         }
 
     @classmethod
@@ -122,16 +123,18 @@ class ClientState:
         cursor = state.config_records[P.STATE_CURSOR]
         pending = None
         if "pending-epoch" in cursor:
-            pending = tuple(
-                int(cursor[k])  # type: ignore[arg-type]
-                for k in ("pending-epoch", "pending-position", "pending-round", "pending-step")
+            pending = (
+                P.config_int(cursor, "pending-epoch"),
+                P.config_int(cursor, "pending-position"),
+                P.config_int(cursor, "pending-round"),
+                P.config_int(cursor, "pending-step"),
             )
         return cls(
             weights=P.record_to_state(state.array_records[P.STATE_WEIGHTS]),
             momentum=P.record_to_state(state.array_records[P.STATE_OPTIMIZER]),
-            epoch=int(cursor["epoch"]),  # type: ignore[arg-type]
-            position=int(cursor["position"]),  # type: ignore[arg-type]
-            pending=pending,  # type: ignore[arg-type]
+            epoch=P.config_int(cursor, "epoch"),
+            position=P.config_int(cursor, "position"),
+            pending=pending,
         )
 
 
@@ -256,7 +259,12 @@ class SplitClientCore:
         self, settings: StepSettings, epoch: int, position: int, server_round: int, step: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         positions = batch_positions(
-            len(self.train_data), settings.batch_size, settings.seed, self.client_id, epoch, position
+            len(self.train_data),
+            settings.batch_size,
+            settings.seed,
+            self.client_id,
+            epoch,
+            position,
         )
         aug = augment_generator(settings.seed, self.client_id, server_round, step)
         x, y = self.train_data.batch(positions, augment=settings.augment, generator=aug)
@@ -403,7 +411,7 @@ class SplitClient:
         """A step: apply the gradient of the pending batch, then send the next batch."""
         started = time.perf_counter()
         core, state, settings = self._resume(msg, context)
-        step = int(P.config_value(msg.content.config_records[P.CONFIG], P.STEP))  # type: ignore[arg-type]
+        step = int(P.config_value(msg.content.config_records[P.CONFIG], P.STEP))
         batch = core.forward(state, settings, step=step)
         return self._smashed_reply(msg, context, state, batch, started)
 
@@ -412,7 +420,7 @@ class SplitClient:
         started = time.perf_counter()
         core, state, settings = self._resume(msg, context)
         self._store(context, state)
-        steps = int(P.config_value(msg.content.config_records[P.CONFIG], P.STEP))  # type: ignore[arg-type]
+        steps = int(P.config_value(msg.content.config_records[P.CONFIG], P.STEP))
         metrics = MetricRecord(
             {
                 P.NUM_EXAMPLES: steps * settings.batch_size,
@@ -430,7 +438,7 @@ class SplitClient:
         config = msg.content.config_records[P.CONFIG]
         settings = StepSettings.from_config(config)
         weights = P.record_to_state(msg.content.array_records[P.ARRAYS])
-        max_examples = int(config.get("max-examples", 0))  # type: ignore[arg-type]
+        max_examples = P.config_int(config, "max-examples") if "max-examples" in config else 0
         batches = core.evaluate(weights, settings, max_examples)
         arrays = ArrayRecord()
         for i, batch in enumerate(batches):

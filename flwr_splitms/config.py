@@ -94,7 +94,9 @@ class SplitConfig:
         """Parameters of the chosen codec, as ``get_codec(codec, **codec_params)`` takes them."""
         params = {name: getattr(self, f"codec_{name}") for name in CODEC_PARAM_KEYS[self.codec]}
         if "signed" in params:
-            params["signed"] = {"true": True, "false": False}.get(params["signed"], params["signed"])
+            params["signed"] = {"true": True, "false": False}.get(
+                params["signed"], params["signed"]
+            )
         return params
 
     @classmethod

@@ -309,12 +309,15 @@ def _synthetic(num_classes: int, size: int, seed: int, train: bool) -> ImageTens
     """A learnable CIFAR-shaped (3x32x32) stand-in, deterministic from ``seed``.
 
     Each class has a smooth random colour pattern (its prototype, drawn from ``seed`` alone, so
-    train and test share it). A sample is its class prototype, shifted by up to 4 px, mirrored
+    train and test share it). A sample is its class prototype, shifted by up to 8 px, mirrored
     with probability 1/2 and scaled by a random contrast, on top of a smooth random background
     (one of a bank of 1024, also shifted), plus uniform pixel noise. Train and test draw samples
     from different random streams of the same seed. 50,000 images take a few seconds.
     """
-    pad, side, bank_size = 4, 40, 1024
+    # Shifts of up to 8 px keep it from being linearly separable (a ridge classifier on raw
+    # pixels gets ~70% on 10 classes) while a small CNN reaches ~80% in a few hundred steps.
+    pad, bank_size = 8, 1024
+    side = 32 + 2 * pad
 
     def smooth(n: int, grid: int, g: torch.Generator) -> torch.Tensor:
         low = torch.randn(n, 3, grid, grid, generator=g)
@@ -322,7 +325,7 @@ def _synthetic(num_classes: int, size: int, seed: int, train: bool) -> ImageTens
         return x / x.std(dim=(1, 2, 3), keepdim=True)
 
     g = torch.Generator().manual_seed(_seed_for(seed, 0))
-    protos = smooth(num_classes, 5, g)
+    protos = smooth(num_classes, 6, g)
     protos = torch.cat([protos, protos.flip(-1)])  # index c + num_classes = mirrored class c
     background = smooth(bank_size, 4, g)
 

@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 from flwr_splitms.config import SplitConfig
-from flwr_splitms.data import BatchSource, DataSplit, dataset_num_classes, load_dataset, load_partition
+from flwr_splitms.data import (
+    BatchSource,
+    DataSplit,
+    dataset_num_classes,
+    load_dataset,
+    load_partition,
+)
 from flwr_splitms.models import split_model
 
 

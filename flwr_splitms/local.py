@@ -50,9 +50,7 @@ class _Client:
     position: int = 0
 
 
-def fedavg(
-    states: list[dict[str, torch.Tensor]], weights: list[float]
-) -> dict[str, torch.Tensor]:
+def fedavg(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
     """Weighted average of state dicts, computed as Flower's FedAvg does, cast back to dtype."""
     total = sum(weights)
     factors = [w / total for w in weights]
@@ -109,7 +107,11 @@ def run_local(
         started = time.perf_counter()
         lr = lr_at_round(config.lr, config.lr_schedule, server_round, config.num_server_rounds)
         count = max(int(num_clients * config.fraction_train), 1)
-        sampled = sorted(sampler.sample(range(num_clients), count)) if count < num_clients else list(range(num_clients))
+        sampled = (
+            sorted(sampler.sample(range(num_clients), count))
+            if count < num_clients
+            else list(range(num_clients))
+        )
         active = [clients[c] for c in sampled]
         for group in server_opt.param_groups:
             group["lr"] = lr
@@ -160,11 +162,15 @@ def run_local(
             server_seconds += time.perf_counter() - tic
             losses.append(outcome.loss)
             slowest = 0.0
-            for client, activations, gradient in zip(active, outputs, outcome.gradients, strict=True):
+            for client, activations, gradient in zip(
+                active, outputs, outcome.gradients, strict=True
+            ):
                 tic = time.perf_counter()
                 totals["downlink_bytes"] += gradient.numel() * gradient.element_size()
                 client.optimizer.zero_grad(set_to_none=True)
-                activations.backward(gradient.to(device=activations.device, dtype=activations.dtype))
+                activations.backward(
+                    gradient.to(device=activations.device, dtype=activations.dtype)
+                )
                 client.optimizer.step()
                 slowest = max(slowest, time.perf_counter() - tic)
             client_seconds += slowest

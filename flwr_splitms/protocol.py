@@ -115,6 +115,14 @@ def config_value(config: ConfigRecord, key: str) -> Any:
     return config[key]
 
 
+def config_int(config: ConfigRecord, key: str) -> int:
+    """A required integer config entry."""
+    value = config_value(config, key)
+    if not isinstance(value, int | float):
+        raise ValueError(f"config entry {key!r} should be a number, got {value!r}")
+    return int(value)
+
+
 def smashed_record(blob: bytes, labels: torch.Tensor) -> ArrayRecord:
     """The uplink record of one batch: compressed activations and labels."""
     return ArrayRecord({"activations": payload_array(blob), "labels": tensor_array(labels)})

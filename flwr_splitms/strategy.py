@@ -113,10 +113,16 @@ def server_step(
     optimizer.step()
     count = len(inputs)
     gradients = [
-        (x.grad * count).to(dtype=a.dtype, device="cpu")  # type: ignore[operator]
+        (_grad(x) * count).to(dtype=a.dtype, device="cpu")
         for x, a in zip(inputs, activations, strict=True)
     ]
     return StepOutcome(gradients, float(loss.detach()), [float(c.detach()) for c in client_losses])
+
+
+def _grad(leaf: torch.Tensor) -> torch.Tensor:
+    if leaf.grad is None:
+        raise RuntimeError("the server model does not depend on the activations it was given")
+    return leaf.grad
 
 
 def score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
@@ -131,7 +137,12 @@ def summarize(loss: float, top1: int, top5: int, count: int) -> dict[str, float]
     """Turn summed scores into mean loss and accuracies (NaN when nothing was scored)."""
     if count == 0:
         return {"loss": math.nan, "accuracy": math.nan, "top5": math.nan, "num-examples": 0}
-    return {"loss": loss / count, "accuracy": top1 / count, "top5": top5 / count, "num-examples": count}
+    return {
+        "loss": loss / count,
+        "accuracy": top1 / count,
+        "top5": top5 / count,
+        "num-examples": count,
+    }
 
 
 @torch.no_grad()
@@ -255,7 +266,9 @@ class MSSplitStrategy(FedAvg):
     @property
     def history(self) -> pd.DataFrame:
         """Per-round metrics so far (one row per round, columns HISTORY_COLUMNS and more)."""
-        return pd.DataFrame(self.rows, columns=list(dict.fromkeys([*HISTORY_COLUMNS, *self._extra_columns()])))
+        return pd.DataFrame(
+            self.rows, columns=list(dict.fromkeys([*HISTORY_COLUMNS, *self._extra_columns()]))
+        )
 
     def _extra_columns(self) -> list[str]:
         return [k for row in self.rows for k in row if k not in HISTORY_COLUMNS]
@@ -299,7 +312,7 @@ class MSSplitStrategy(FedAvg):
         return evaluate
 
     # -- the run ------------------------------------------------------------------------------
-    def start(  # type: ignore[override]
+    def start(
         self,
         grid: Grid,
         initial_arrays: ArrayRecord,
@@ -332,15 +345,17 @@ class MSSplitStrategy(FedAvg):
             fed = self.federated_evaluate(grid, server_round, arrays, timeout, evaluate_config)
             if fed is not None:
                 result.evaluate_metrics_clientapp[server_round] = fed
-                row.update({"fed_test_loss": fed["loss"], "fed_test_accuracy": fed["accuracy"]})  # type: ignore[dict-item]
+                row.update(
+                    fed_test_loss=_scalar(fed, "loss"), fed_test_accuracy=_scalar(fed, "accuracy")
+                )
             if evaluate_fn is not None:
                 central = evaluate_fn(server_round, arrays)
                 if central is not None:
                     result.evaluate_metrics_serverapp[server_round] = central
                     row.update(
-                        test_loss=float(central.get("loss", math.nan)),  # type: ignore[arg-type]
-                        test_accuracy=float(central.get("accuracy", math.nan)),  # type: ignore[arg-type]
-                        test_top5=float(central.get("top5", math.nan)),  # type: ignore[arg-type]
+                        test_loss=_scalar(central, "loss"),
+                        test_accuracy=_scalar(central, "accuracy"),
+                        test_top5=_scalar(central, "top5"),
                     )
             row["round_seconds"] = time.perf_counter() - started
             self.rows.append(row)
@@ -388,8 +403,14 @@ class MSSplitStrategy(FedAvg):
         config = settings.to_config()
         row: dict[str, float] = {"round": server_round, "lr": lr}
         totals = dict.fromkeys(
-            ("uplink_bytes", "uplink_raw_bytes", "downlink_bytes", "client_seconds",
-             "server_seconds", "message_seconds"),
+            (
+                "uplink_bytes",
+                "uplink_raw_bytes",
+                "downlink_bytes",
+                "client_seconds",
+                "server_seconds",
+                "message_seconds",
+            ),
             0.0,
         )
         node_ids = self._sample(grid)
@@ -397,32 +418,38 @@ class MSSplitStrategy(FedAvg):
         wall = time.perf_counter()
         replies = self._exchange(
             grid,
-            {n: Message(begin, dst_node_id=n, message_type=P.SPLIT_BEGIN, group_id=str(server_round)) for n in node_ids},
+            {
+                n: Message(
+                    begin, dst_node_id=n, message_type=P.SPLIT_BEGIN, group_id=str(server_round)
+                )
+                for n in node_ids
+            },
             timeout,
         )
         totals["message_seconds"] += time.perf_counter() - wall
         if not replies:
-            log.warning("Round %d: no client answered %s; round skipped", server_round, P.SPLIT_BEGIN)
+            log.warning(
+                "Round %d: no client answered %s; round skipped", server_round, P.SPLIT_BEGIN
+            )
             row.update(totals, steps=0, num_clients=0)
             return None, row, None
         steps = self.steps_per_round or min(
-            int(_metrics(r)[P.NUM_EXAMPLES]) // self.batch_size for r in replies.values()  # type: ignore[arg-type]
+            int(_metric(r, P.NUM_EXAMPLES, 0)) // self.batch_size for r in replies.values()
         )
         steps = max(steps, 1)
         losses, errors = [], []
         for step in range(1, steps + 1):
-            order = sorted(replies, key=lambda n: int(_metrics(replies[n])[P.CLIENT_ID]))  # type: ignore[arg-type]
+            order = _by_client_id(replies)
             activations, labels = [], []
             for node in order:
                 blob, y = P.read_smashed(replies[node].content)
-                metrics = _metrics(replies[node])
                 totals["uplink_bytes"] += len(blob)
-                totals["uplink_raw_bytes"] += float(metrics.get("raw-bytes", 0))  # type: ignore[arg-type]
-                errors.append(float(metrics.get("compression-error", math.nan)))  # type: ignore[arg-type]
+                totals["uplink_raw_bytes"] += _metric(replies[node], "raw-bytes", 0.0)
+                errors.append(_metric(replies[node], "compression-error"))
                 activations.append(decode_bytes(blob))
                 labels.append(y)
             totals["client_seconds"] += max(
-                float(_metrics(replies[n]).get(P.CLIENT_SECONDS, 0.0)) for n in order  # type: ignore[arg-type]
+                _metric(replies[n], P.CLIENT_SECONDS, 0.0) for n in order
             )
             tic = time.perf_counter()
             outcome = server_step(self.server_model, self.optimizer, activations, labels)
@@ -450,7 +477,7 @@ class MSSplitStrategy(FedAvg):
             elapsed = time.perf_counter() - wall
             if not last:
                 elapsed -= max(
-                    (float(_metrics(r).get(P.CLIENT_SECONDS, 0.0)) for r in replies.values()),  # type: ignore[arg-type]
+                    (_metric(r, P.CLIENT_SECONDS, 0.0) for r in replies.values()),
                     default=0.0,
                 )
             totals["message_seconds"] += max(elapsed, 0.0)
@@ -466,7 +493,7 @@ class MSSplitStrategy(FedAvg):
         )
         if not replies or len(losses) < steps:
             return None, row, None
-        ordered = [replies[n] for n in sorted(replies, key=lambda n: int(_metrics(replies[n])[P.CLIENT_ID]))]  # type: ignore[arg-type]
+        ordered = [replies[n] for n in _by_client_id(replies)]
         new_arrays, train_metrics = self.aggregate_train(server_round, ordered)
         if new_arrays is not None:
             new_arrays = cast_like(new_arrays, arrays)
@@ -497,8 +524,15 @@ class MSSplitStrategy(FedAvg):
             grid, self.min_available_nodes, max(num_nodes, self.min_evaluate_nodes)
         )
         settings = StepSettings(
-            server_round, 0.0, 0.0, 0.0, self.eval_batch_size, self.seed, False,
-            self.codec_name, self.codec_params,
+            server_round,
+            0.0,
+            0.0,
+            0.0,
+            self.eval_batch_size,
+            self.seed,
+            False,
+            self.codec_name,
+            self.codec_params,
         )
         config = settings.to_config()
         config["max-examples"] = self.eval_max_examples
@@ -507,7 +541,15 @@ class MSSplitStrategy(FedAvg):
         content = RecordDict({P.ARRAYS: arrays, P.CONFIG: config})
         replies = self._exchange(
             grid,
-            {n: Message(content, dst_node_id=n, message_type=P.SPLIT_EVALUATE, group_id=str(server_round)) for n in node_ids},
+            {
+                n: Message(
+                    content,
+                    dst_node_id=n,
+                    message_type=P.SPLIT_EVALUATE,
+                    group_id=str(server_round),
+                )
+                for n in node_ids
+            },
             timeout,
         )
         loss, top1, top5, count = 0.0, 0, 0, 0
@@ -522,7 +564,12 @@ class MSSplitStrategy(FedAvg):
                     x = decode_bytes(P.payload_bytes(record[key])).to(self.device).float()
                     y = P.array_tensor(record[f"labels.{index}"]).long().to(self.device)
                     batch = score(self.server_model(x), y)
-                    loss, top1, top5, count = loss + batch[0], top1 + batch[1], top5 + batch[2], count + len(y)
+                    loss, top1, top5, count = (
+                        loss + batch[0],
+                        top1 + batch[1],
+                        top5 + batch[2],
+                        count + len(y),
+                    )
         if count == 0:
             return None
         return MetricRecord(summarize(loss, top1, top5, count))  # type: ignore[arg-type]
@@ -541,18 +588,20 @@ class MSSplitStrategy(FedAvg):
         """Push one message per node, poll for the replies; drop nodes that fail or time out."""
         nodes = list(messages)
         ids = list(grid.push_messages([messages[n] for n in nodes]))
-        waiting = {mid: node for node, mid in zip(nodes, ids, strict=False) if mid}
-        for node in nodes[len(waiting):] if len(ids) < len(nodes) else []:
-            log.warning("Node %d: message could not be pushed; dropped from the round", node)
+        ids += [""] * (len(nodes) - len(ids))  # the grid returns one id per message, in order
+        waiting = {mid: node for node, mid in zip(nodes, ids, strict=True) if mid}
+        for node, mid in zip(nodes, ids, strict=True):
+            if not mid:
+                log.warning("Node %d: message could not be pushed; dropped from the round", node)
         replies: dict[int, Message] = {}
         deadline = time.monotonic() + timeout
         pause = self.poll_interval
         while waiting and time.monotonic() < deadline:
             got = list(grid.pull_messages(list(waiting)))
             for reply in got:
-                node = waiting.pop(reply.metadata.reply_to_message_id, None)
-                if node is None:
+                if reply.metadata.reply_to_message_id not in waiting:
                     continue
+                node = waiting.pop(reply.metadata.reply_to_message_id)
                 if reply.has_error():
                     log.warning(
                         "Node %d failed (%s); dropped from the round", node, reply.error.reason
@@ -565,7 +614,9 @@ class MSSplitStrategy(FedAvg):
             elif got:
                 pause = self.poll_interval
         for node in waiting.values():
-            log.warning("Node %d did not answer within %.0fs; dropped from the round", node, timeout)
+            log.warning(
+                "Node %d did not answer within %.0fs; dropped from the round", node, timeout
+            )
         return replies
 
 
@@ -573,8 +624,26 @@ def _metrics(reply: Message) -> MetricRecord:
     return reply.content.metric_records[P.METRICS]
 
 
+def _scalar(record: Mapping[str, Any], key: str, default: float = math.nan) -> float:
+    """A scalar entry of a MetricRecord (``default`` when absent or not a number)."""
+    value = record.get(key, default)
+    return float(value) if isinstance(value, int | float) else default
+
+
+def _metric(reply: Message, key: str, default: float = math.nan) -> float:
+    """A scalar metric of a client's reply."""
+    return _scalar(_metrics(reply), key, default)
+
+
+def _by_client_id(replies: Mapping[int, Message]) -> list[int]:
+    """Node ids ordered by the clients' partition ids (the local engine's order)."""
+    return sorted(replies, key=lambda node: _metric(replies[node], P.CLIENT_ID))
+
+
 def _fmt(record: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items())
+    return ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+    )
 
 
 def _pct(value: float) -> str:

@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/inprocess_grid.py
 
-from flwr_splitms.config import SplitConfig  # noqa: E402
+from flwr_splitms.config import SplitConfig
 
 torch.set_num_threads(2)
 

@@ -23,7 +23,9 @@ def client_app(fixed: SplitConfig | None = None) -> ClientApp:
     def data_fn(context: Context):  # type: ignore[no-untyped-def]
         config = config_of(context)
         return client_data(
-            config, int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+            config,
+            int(context.node_config["partition-id"]),
+            int(context.node_config["num-partitions"]),
         )
 
     return make_client_app(model_fn, data_fn)

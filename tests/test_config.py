@@ -50,7 +50,13 @@ def test_codec_params_follow_the_codec() -> None:
     assert SplitConfig(codec="qu", codec_bits=3).codec_params == {"bits": 3}
     assert SplitConfig(codec="rt").codec_params == {"ratio": 0.99, "alpha": 0.1}
     ms = SplitConfig(codec="ms", codec_signed="true").codec_params
-    assert ms == {"ratio": 0.99, "bits": 2, "rounding": "nearest", "signed": True, "scope": "tensor"}
+    assert ms == {
+        "ratio": 0.99,
+        "bits": 2,
+        "rounding": "nearest",
+        "signed": True,
+        "scope": "tensor",
+    }
 
 
 def test_run_config_round_trip() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -34,6 +35,15 @@ EXPECTED_SHAPES = {
 NUM_CLASSES = {"vgg19": 10, "resnet18": 100, "resnet34": 1000}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread() -> Iterator[None]:
+    """Small CPU convolutions: one intra-op thread is as fast, and far faster on a busy box."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -53,39 +63,59 @@ def _input(arch: str, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, *input_shape(arch), generator=g)
 
 
-@pytest.mark.parametrize(("arch", "cut"), sorted(EXPECTED_SHAPES))
-def test_named_cut_shapes_and_exact_split(
-    arch: str, cut: str, full_models: dict[str, nn.Sequential]
-) -> None:
+@pytest.mark.parametrize("arch", ARCHS)
+def test_same_seed_same_parameters(arch: str, full_models: dict[str, nn.Sequential]) -> None:
+    """split_model under a seed = full_model under that seed, stage for stage, key for key."""
     torch.manual_seed(0)
-    client, server = split_model(arch, cut, num_classes=NUM_CLASSES[arch])
+    client, server = split_model(arch, "medium", num_classes=NUM_CLASSES[arch])
     full = full_models[arch]
-    # Same seed -> the split parts carry exactly the full model's parameters, under its keys.
     split_state = {**client.state_dict(), **server.state_dict()}
     full_state = full.state_dict()
-    assert split_state.keys() == full_state.keys()
+    assert list(split_state) == list(full_state)
     assert all(torch.equal(split_state[k], full_state[k]) for k in full_state)
+
+
+@pytest.fixture(scope="module")
+def references(
+    full_models: dict[str, nn.Sequential],
+) -> dict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+    """Per (arch, train mode): input, full-model output, full-model state after the pass."""
+    refs = {}
+    for arch, full in full_models.items():
+        x = _input(arch, batch=1 if arch == "resnet34" else 2)
+        for train in (False, True):
+            f = copy.deepcopy(full).train(train)
+            with torch.no_grad():
+                refs[(arch, train)] = (x, f(x), f.state_dict())
+    return refs
+
+
+@pytest.mark.parametrize(("arch", "cut"), sorted(EXPECTED_SHAPES))
+def test_named_cut_shapes_and_exact_split(
+    arch: str,
+    cut: str,
+    full_models: dict[str, nn.Sequential],
+    references: dict[tuple[str, bool], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]],
+) -> None:
+    full = full_models[arch]
+    client, server = split_model(arch, cut, model=full)
     assert _params(client) + _params(server) == _params(full)
     assert not any(isinstance(m, nn.Linear) for m in client.modules())
     assert isinstance(server[-1][-1], nn.Linear)
 
-    x = _input(arch, batch=1 if arch == "resnet34" else 2)
     for train in (False, True):
-        # Fresh copies with identical state on both paths, so train-mode BatchNorm (which
-        # updates running statistics) starts from the same buffers.
-        c, s, f = copy.deepcopy(client), copy.deepcopy(server), copy.deepcopy(full)
-        for m in (c, s, f):
-            m.train(train)
+        x, ref, ref_state = references[(arch, train)]
+        # A fresh copy of the same full model: train-mode BatchNorm updates running
+        # statistics, so both paths must start from identical buffers.
+        c, s = split_model(arch, cut, model=copy.deepcopy(full).train(train))
         with torch.no_grad():
             act = c(x)
             out = s(act)
-            ref = f(x)
         assert tuple(act.shape) == (x.shape[0], *EXPECTED_SHAPES[(arch, cut)])
         assert out.shape == (x.shape[0], NUM_CLASSES[arch])
         assert torch.equal(out, ref), (arch, cut, train)
-        if train:  # the running statistics moved identically too
-            moved = {**c.state_dict(), **s.state_dict()}
-            assert all(torch.equal(moved[k], v) for k, v in f.state_dict().items())
+        moved = {**c.state_dict(), **s.state_dict()}  # running statistics moved identically
+        assert all(torch.equal(moved[k], v) for k, v in ref_state.items())
 
 
 @pytest.mark.parametrize("arch", ["vgg19", "resnet18"])

@@ -6,7 +6,6 @@ Parameters are overridden the papermill way: a cell is injected after the cell t
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -43,26 +42,19 @@ TEST_PARAMETERS: dict[str, dict[str, Any]] = {
 
 def inject_parameters(nb: Any, values: dict[str, Any]) -> Any:
     """Insert a cell assigning ``values`` right after the cell tagged ``parameters``."""
-    for index, cell in enumerate(nb.cells):
-        if "parameters" in cell.get("metadata", {}).get("tags", []):
-            break
-    else:
-        raise AssertionError("no cell tagged 'parameters'")
+    tagged = [i for i, cell in enumerate(nb.cells) if "parameters" in cell.metadata.get("tags", [])]
+    assert tagged, "no cell tagged 'parameters'"
     source = "\n".join(f"{name} = {value!r}" for name, value in values.items())
     injected = nbformat.v4.new_code_cell(
         "# Injected parameters\n" + source, metadata={"tags": ["injected-parameters"]}
     )
-    nb.cells.insert(index + 1, injected)
+    nb.cells.insert(tagged[0] + 1, injected)
     return nb
 
 
 def execute(path: Path, values: dict[str, Any], workdir: Path) -> Any:
     """Execute a copy of the notebook at ``path`` in ``workdir``; return the executed notebook."""
     nb = inject_parameters(nbformat.read(path, as_version=4), values)
-    env_root = str(ROOT)
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (env_root, os.environ.get("PYTHONPATH", "")) if p
-    )
     client = nbclient.NotebookClient(
         nb, timeout=TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": workdir}}
     )

@@ -22,7 +22,9 @@ from flwr_splitms.strategy import (
 )
 
 
-def run(config: SplitConfig, grid: InProcessGrid, timeout: float = 60, **kwargs) -> tuple[SplitResult, MSSplitStrategy]:  # type: ignore[no-untyped-def]
+def run(
+    config: SplitConfig, grid: InProcessGrid, timeout: float = 60, **kwargs
+) -> tuple[SplitResult, MSSplitStrategy]:  # type: ignore[no-untyped-def]
     client_net, strat = strategy(config, **kwargs)
     result = strat.start(
         grid,
@@ -52,7 +54,8 @@ def test_server_step_loss_is_the_mean_of_client_means() -> None:
     labels = [torch.tensor([0, 1]), torch.tensor([2, 2, 1, 0])]
     outcome = server_step(net, opt, acts, labels)
     per_client = [
-        torch.nn.functional.cross_entropy(net(a), y).item() for a, y in zip(acts, labels, strict=True)
+        torch.nn.functional.cross_entropy(net(a), y).item()
+        for a, y in zip(acts, labels, strict=True)
     ]
     assert outcome.loss == pytest.approx(np.mean(per_client), rel=1e-6)
     assert outcome.client_losses == pytest.approx(per_client, rel=1e-6)
@@ -131,7 +134,9 @@ def test_round_without_any_client_keeps_the_weights(tiny_config: SplitConfig) ->
 
 
 def test_federated_evaluation_scores_local_test_splits(tiny_config: SplitConfig) -> None:
-    config = tiny_config.replace(num_server_rounds=1, local_test_fraction=0.25, fraction_evaluate=1.0)
+    config = tiny_config.replace(
+        num_server_rounds=1, local_test_fraction=0.25, fraction_evaluate=1.0
+    )
     grid = InProcessGrid(client_app(), 2, config.to_run_config())
     result, _ = run(config, grid)
     fed = result.evaluate_metrics_clientapp[1]
