@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -26,23 +26,10 @@ from torch import nn
 
 from flwr_splitms import protocol as P
 from flwr_splitms.codecs import Codec, compression_error, get_codec
+from flwr_splitms.data import BatchSource
 from flwr_splitms.seeding import generator
 
 log = logging.getLogger(__name__)
-
-
-class BatchSource(Protocol):
-    """What a client's data must offer: a length and deterministic batches by position."""
-
-    def __len__(self) -> int: ...
-
-    def batch(
-        self,
-        positions: torch.Tensor,
-        *,
-        augment: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass(frozen=True)

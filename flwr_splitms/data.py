@@ -16,6 +16,7 @@ Design points (see DESIGN.md, "Data" and "The split protocol"):
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import threading
@@ -179,8 +180,10 @@ class ImageTensorDataset:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(f"images must be uint8 N x C x H x W, got {self.images.dtype} "
-                             f"{tuple(self.images.shape)}")
+            raise ValueError(
+                f"images must be uint8 N x C x H x W, got {self.images.dtype} "
+                f"{tuple(self.images.shape)}"
+            )
         if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
             raise ValueError("labels must be int64 with one label per image")
 
@@ -198,7 +201,8 @@ class ImageTensorDataset:
         idx = _as_index(indices)
         images = self.images[idx]
         if augment:
-            images = _augment(images, tuple(images.shape[-2:]), self.padding, generator)
+            hw = (int(images.shape[-2]), int(images.shape[-1]))
+            images = _augment(images, hw, self.padding, generator)
         return _normalize(images, self.mean, self.std), self.labels[idx]
 
 
@@ -214,7 +218,6 @@ class ImageFolderDataset:
         self,
         root: str | Path,
         *,
-        subset: np.ndarray | None = None,
         mean: Stats = IMAGENET_MEAN,
         std: Stats = IMAGENET_STD,
         resize: int = IMAGENET_RESIZE,
@@ -223,14 +226,19 @@ class ImageFolderDataset:
         from torchvision.datasets import ImageFolder
 
         self.root = Path(root)
-        self._folder = ImageFolder(str(self.root))
+        self._folder = ImageFolder(str(self.root))  # scans the directory tree once
         self.classes: list[str] = list(self._folder.classes)
-        samples = list(self._folder.samples)
-        if subset is not None:
-            samples = [samples[int(i)] for i in subset]
-        self.samples: list[tuple[str, int]] = samples
-        self._labels = torch.tensor([t for _, t in samples], dtype=torch.int64)
+        self.samples: list[tuple[str, int]] = list(self._folder.samples)
+        self._labels = torch.tensor([t for _, t in self.samples], dtype=torch.int64)
         self.mean, self.std, self.resize, self.crop = mean, std, resize, crop
+
+    def select(self, indices: Indices) -> ImageFolderDataset:
+        """A copy restricted to ``indices`` (same classes, no rescan of the directory)."""
+        idx = _as_index(indices)
+        out = copy.copy(self)
+        out.samples = [self.samples[int(i)] for i in idx]
+        out._labels = self._labels[idx]
+        return out
 
     @property
     def num_classes(self) -> int:
@@ -301,7 +309,7 @@ class DataSplit:
 
 
 def _seed_for(*key: int) -> int:
-    """A well-mixed 63-bit seed for a tuple of integers (distinct streams from one user seed)."""
+    """A well-mixed 32-bit seed for a tuple of integers (distinct streams from one user seed)."""
     return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(1)[0])
 
 
@@ -346,6 +354,7 @@ def _synthetic(num_classes: int, size: int, seed: int, train: bool) -> ImageTens
         x.add_(torch.rand(n, 3, 32, 32, generator=g).sub_(0.5), alpha=1.7)  # std ~0.5
         # 128 + 40 x, rounded: +0.5 then truncation by the uint8 cast (values are clamped >= 0)
         images[start : start + n] = x.mul_(40.0).add_(128.5).clamp_(0.0, 255.49)
+    logger.info("generated %d synthetic images of %d classes (seed %d)", size, num_classes, seed)
     return ImageTensorDataset(
         images, labels, num_classes, SYNTHETIC_MEAN, SYNTHETIC_STD, name="synthetic"
     )
@@ -369,14 +378,14 @@ def _unavailable(name: str, root: Path, download: bool, cause: BaseException | N
             f"place it there, {offline}"
         )
     if download:
-        why = f" ({_one_line(cause)})" if cause is not None else ""
+        why = f": {_one_line(cause)}" if cause is not None else ""
         return (
-            f"could not download {name} to {root}{why}; download it on a machine with "
-            f"internet into that root, {offline}"
+            f"could not download {name} to {root} with download=True (run-config key "
+            f"data-download){why}; fetch it into that root on a machine with internet, {offline}"
         )
     return (
-        f"{name} not found under {root} and download=False; set the run-config key "
-        f"data-download=true to fetch it, {offline}"
+        f"{name} not found (or incomplete) under {root} and download=False (run-config key "
+        f"data-download); set data-download=true to fetch it, {offline}"
     )
 
 
@@ -392,19 +401,25 @@ def _load_cifar(name: str, root: Path, train: bool, download: bool) -> ImageTens
     labels = torch.as_tensor(np.asarray(ds.targets, dtype=np.int64))
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
     num_classes = 10 if name == "cifar10" else 100
+    logger.info(
+        "loaded %s (%s, %d images) from %s", name, "train" if train else "test", len(labels), root
+    )
     return ImageTensorDataset(images, labels, num_classes, mean, std, name=name)
 
 
-def _load_imagenet(root: Path, train: bool, subset_size: int | None, seed: int) -> BatchSource:
+def _load_imagenet(
+    root: Path, train: bool, subset_size: int | None, seed: int
+) -> ImageFolderDataset:
     folder = root / ("train" if train else "val")
     if not folder.is_dir():
         raise DatasetUnavailableError(_unavailable("imagenet", root, False, None))
     try:
         ds = ImageFolderDataset(folder)
-    except (OSError, RuntimeError, FileNotFoundError) as exc:
+    except (OSError, RuntimeError) as exc:  # e.g. a folder with no images in it
         raise DatasetUnavailableError(_unavailable("imagenet", root, False, exc)) from exc
+    logger.info("indexed %d images of %d classes under %s", len(ds), ds.num_classes, folder)
     if subset_size is not None:
-        ds = ImageFolderDataset(folder, subset=_subset(len(ds), subset_size, seed, "imagenet"))
+        ds = ds.select(_subset(len(ds), subset_size, seed, "imagenet"))
     return ds
 
 
@@ -473,7 +488,7 @@ def load_dataset(
     num_classes: int | None = None,
     size: int | None = None,
     seed: int = 0,
-) -> Any:
+) -> ImageTensorDataset | ImageFolderDataset:
     """Load (once per process) a dataset as a :class:`BatchSource`.
 
     ``"cifar10"``/``"cifar100"``: torchvision's files under ``root`` (fetched when ``download``),
@@ -498,7 +513,7 @@ def load_dataset(
 
     root_path = Path(root).expanduser().resolve()
     if key == "imagenet":
-        ds: BatchSource = _cached(
+        ds: ImageFolderDataset = _cached(
             ("dataset", key, str(root_path), bool(train), None, size, seed if size else 0),
             lambda: _load_imagenet(root_path, bool(train), size, int(seed)),
         )
@@ -522,7 +537,9 @@ def load_dataset(
             full.images[idx], full.labels[idx], full.num_classes, full.mean, full.std, name=key
         )
 
-    return _cached(("dataset", key, str(root_path), bool(train), None, size, int(seed)), build_subset)
+    return _cached(
+        ("dataset", key, str(root_path), bool(train), None, size, int(seed)), build_subset
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -613,13 +630,20 @@ def load_partition(
         raise ValueError(f"partition_id={partition_id} must lie in 0..{num_partitions - 1}")
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie in [0, 1), got {test_fraction!r}")
-    ds = load_dataset(
-        name, root, True, download, num_classes=num_classes, size=size, seed=seed
-    )
+    ds = load_dataset(name, root, True, download, num_classes=num_classes, size=size, seed=seed)
     root_key = None if _check_name(name) == "synthetic" else str(Path(root).expanduser().resolve())
     parts: list[np.ndarray] = _cached(
-        ("partition", _check_name(name), root_key, num_classes, size, seed, num_partitions,
-         str(scheme).strip().lower(), float(alpha)),
+        (
+            "partition",
+            _check_name(name),
+            root_key,
+            num_classes,
+            size,
+            seed,
+            num_partitions,
+            str(scheme).strip().lower(),
+            float(alpha),
+        ),
         lambda: partition(ds.labels, num_partitions, scheme, alpha, seed),
     )
     own = parts[int(partition_id)]

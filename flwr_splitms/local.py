@@ -25,7 +25,13 @@ from flwr_splitms.client import augment_generator, batch_positions, codec_genera
 from flwr_splitms.codecs import compression_error, decode_bytes, get_codec
 from flwr_splitms.config import SplitConfig
 from flwr_splitms.experiment import build_split_model, client_data, evaluation_data
-from flwr_splitms.strategy import HISTORY_COLUMNS, evaluate_split, lr_at_round, server_step
+from flwr_splitms.strategy import (
+    HISTORY_COLUMNS,
+    StepProgress,
+    evaluate_split,
+    lr_at_round,
+    server_step,
+)
 
 log = logging.getLogger("flwr")
 
@@ -124,6 +130,7 @@ def run_local(
         totals = dict.fromkeys(("uplink_bytes", "uplink_raw_bytes", "downlink_bytes"), 0.0)
         client_seconds = server_seconds = 0.0
         losses, errors = [], []
+        progress = StepProgress(f"[local] round {server_round}", steps)
         for step in range(steps):
             outputs, decoded, labels, slowest = [], [], [], 0.0
             for client in active:
@@ -161,6 +168,7 @@ def run_local(
             outcome = server_step(server_net, server_opt, decoded, labels)
             server_seconds += time.perf_counter() - tic
             losses.append(outcome.loss)
+            progress.update(step + 1, outcome.loss)
             slowest = 0.0
             for client, activations, gradient in zip(
                 active, outputs, outcome.gradients, strict=True

@@ -35,9 +35,10 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch import nn
 
 from flwr_splitms import protocol as P
-from flwr_splitms.client import BatchSource, StepSettings
+from flwr_splitms.client import StepSettings
 from flwr_splitms.codecs import Codec, decode_bytes, get_codec
 from flwr_splitms.config import LR_SCHEDULES, SplitConfig
+from flwr_splitms.data import BatchSource
 
 log = logging.getLogger("flwr")
 
@@ -182,6 +183,29 @@ def cast_like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
             array = array.astype(dtype)
         out[key] = Array(np.array(array, order="C"))
     return out
+
+
+class StepProgress:
+    """Logs a progress line about every ``interval`` seconds during a long round."""
+
+    def __init__(self, label: str, total: int, interval: float = 30.0) -> None:
+        self.label, self.total, self.interval = label, total, interval
+        self.started = self.last = time.monotonic()
+
+    def update(self, step: int, loss: float) -> None:
+        """Report step ``step`` (1-based) if the interval has passed."""
+        now = time.monotonic()
+        if now - self.last >= self.interval and step < self.total:
+            self.last = now
+            rate = step / (now - self.started)
+            log.info(
+                "%s: step %d/%d, loss %.4f, about %.0fs left",
+                self.label,
+                step,
+                self.total,
+                loss,
+                (self.total - step) / rate,
+            )
 
 
 class MSSplitStrategy(FedAvg):
@@ -438,6 +462,7 @@ class MSSplitStrategy(FedAvg):
         )
         steps = max(steps, 1)
         losses, errors = [], []
+        progress = StepProgress(f"Round {server_round}", steps)
         for step in range(1, steps + 1):
             order = _by_client_id(replies)
             activations, labels = [], []
@@ -455,6 +480,7 @@ class MSSplitStrategy(FedAvg):
             outcome = server_step(self.server_model, self.optimizer, activations, labels)
             totals["server_seconds"] += time.perf_counter() - tic
             losses.append(outcome.loss)
+            progress.update(step, outcome.loss)
             last = step == steps
             step_config = ConfigRecord({**dict(config), P.STEP: step})
             messages = {}

@@ -101,7 +101,7 @@ def test_named_cut_shapes_and_exact_split(
     client, server = split_model(arch, cut, model=full)
     assert _params(client) + _params(server) == _params(full)
     assert not any(isinstance(m, nn.Linear) for m in client.modules())
-    assert isinstance(server[-1][-1], nn.Linear)
+    assert isinstance(server.get_submodule("head.fc"), nn.Linear)
 
     for train in (False, True):
         x, ref, ref_state = references[(arch, train)]
@@ -143,7 +143,9 @@ def test_split_gradients_match_full_model(full_models: dict[str, nn.Sequential])
     act.backward(act_in.grad)
     grads = {n: p.grad for part in (client, server) for n, p in part.named_parameters()}
     for name, p in full.named_parameters():
-        assert p.grad is not None and torch.allclose(grads[name], p.grad, atol=1e-6), name
+        split_grad = grads[name]
+        assert p.grad is not None and split_grad is not None, name
+        assert torch.allclose(split_grad, p.grad, atol=1e-6), name
 
 
 def test_state_dict_round_trip_between_parts() -> None:
@@ -163,19 +165,26 @@ def test_default_num_classes_and_input_shapes() -> None:
     assert ARCHS == ("vgg19", "resnet18", "resnet34")
     assert input_shape("vgg19") == input_shape("resnet18") == (3, 32, 32)
     assert input_shape("resnet34") == (3, 224, 224)
-    _, server = split_model("vgg19", "deep")
-    assert server[-1].fc.out_features == 10
-    _, server = split_model("resnet18", "deep", num_classes=7)
-    assert server[-1].fc.out_features == 7
+    cases: list[tuple[str, str | int, int | None, int]] = [
+        ("vgg19", "deep", None, 10),
+        ("resnet18", 7, 7, 7),
+        ("resnet34", "shallow", None, 1000),
+    ]
+    for arch, cut, classes, expected in cases:
+        _, server = split_model(arch, cut, num_classes=classes)
+        fc = server.get_submodule("head.fc")
+        assert isinstance(fc, nn.Linear) and fc.out_features == expected
 
 
 def test_resnet_stems() -> None:
-    cifar = full_model("resnet18")
-    assert cifar.stem.conv1.kernel_size == (3, 3) and cifar.stem.conv1.stride == (1, 1)
-    assert not hasattr(cifar.stem, "maxpool")
-    imagenet = full_model("resnet34")
-    assert imagenet.stem.conv1.kernel_size == (7, 7) and imagenet.stem.conv1.stride == (2, 2)
-    assert isinstance(imagenet.stem.maxpool, nn.MaxPool2d)
+    cifar = full_model("resnet18").get_submodule("stem")
+    conv = cifar.get_submodule("conv1")
+    assert isinstance(conv, nn.Conv2d) and (conv.kernel_size, conv.stride) == ((3, 3), (1, 1))
+    assert not hasattr(cifar, "maxpool")
+    imagenet = full_model("resnet34").get_submodule("stem")
+    conv = imagenet.get_submodule("conv1")
+    assert isinstance(conv, nn.Conv2d) and (conv.kernel_size, conv.stride) == ((7, 7), (2, 2))
+    assert isinstance(imagenet.get_submodule("maxpool"), nn.MaxPool2d)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -196,12 +205,13 @@ def test_cut_index_names_and_integers(arch: str) -> None:
             cut_index(arch, bad_cut)  # type: ignore[arg-type]
 
 
-def test_paper_layer_counts() -> None:
+def test_paper_layer_counts(full_models: dict[str, nn.Sequential]) -> None:
     """Named cuts sit where the paper's Sec. 5.1 counts its layers (conv layers before the cut)."""
     assert [cut_index("vgg19", c) for c in CUT_NAMES] == [2, 8, 15]  # one stage per conv
 
     def convs(arch: str, cut: str) -> int:
-        client, _ = split_model(arch, cut)  # counting the main path's convs (no downsample)
+        # Count the main path's convolutions (not the 1x1 downsample shortcuts).
+        client, _ = split_model(arch, cut, model=full_models[arch])
         return sum(
             isinstance(m, nn.Conv2d) and "downsample" not in name
             for name, m in client.named_modules()
@@ -218,8 +228,13 @@ def test_unknown_arch_and_bad_arguments() -> None:
         describe_cuts("alexnet")
     with pytest.raises(ValueError, match="num_classes"):
         full_model("resnet18", 0)
+    resnet18 = full_model("resnet18")
     with pytest.raises(ValueError, match="stages"):
-        split_model("resnet34", "deep", model=full_model("resnet18"))
+        split_model("resnet34", "deep", model=resnet18)
+    with pytest.raises(ValueError, match="zero_init_residual"):
+        split_model("resnet18", "deep", model=resnet18, zero_init_residual=True)
+    client, _ = split_model("resnet18", 1, zero_init_residual=True)  # kwargs reach torchvision
+    assert len(client) == 1
 
 
 @pytest.mark.parametrize("arch", ARCHS)

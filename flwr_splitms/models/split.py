@@ -136,6 +136,8 @@ def split_model(
     i = cut_index(arch, cut)
     if model is None:
         model = full_model(arch, num_classes, **kwargs)
+    elif kwargs:
+        raise ValueError(f"model= is already built; drop the build options {sorted(kwargs)}")
     elif len(model) != num_stages(arch):
         raise ValueError(
             f"model has {len(model)} stages, {arch} has {num_stages(arch)}; "
