@@ -85,8 +85,10 @@ def load_history(
     it). Each run gets the columns ``run`` (the csv path), ``policy`` and ``cut``: from the
     arguments if given, else from a ``run.json`` next to the csv (keys ``"policy"`` or
     ``"codec"``, and ``"cut"``), else from the folder names (policy = the csv's parent folder, cut
-    = its grandparent when that is shallow/medium/deep). ``cumulative_uplink_bytes`` and
-    ``cumulative_bytes`` (uplink + downlink) are added per run, in round order.
+    = its grandparent when that is shallow/medium/deep); a csv written from an earlier
+    ``load_history`` result keeps its own ``run``/``policy``/``cut`` columns unless the arguments
+    override them. ``cumulative_uplink_bytes`` and ``cumulative_bytes`` (uplink + downlink) are
+    added per run, in round order.
 
     Raises:
         FileNotFoundError: a path does not exist, or a directory holds no ``history.csv``.
@@ -117,16 +119,26 @@ def _load_one(path: Path, *, policy: str | None, cut: str | None) -> pd.DataFram
     if missing:
         raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
     sidecar = _read_sidecar(path.parent / SIDECAR_FILENAME)
-    if policy is None:
-        policy = sidecar.get("policy") or sidecar.get("codec") or path.parent.name
-    if cut is None:
+    # A csv saved from an earlier load_history keeps its labels unless the arguments override.
+    if policy is None and "policy" not in df.columns:
+        policy = str(sidecar.get("policy") or sidecar.get("codec") or path.parent.name)
+    if cut is None and "cut" not in df.columns:
         cut = sidecar.get("cut") or _cut_from_folders(path)
-    df = df.sort_values("round", kind="stable").reset_index(drop=True)
-    df.insert(0, "cut", cut)
-    df.insert(0, "policy", str(policy))
-    df.insert(0, "run", str(path))
-    df["cumulative_uplink_bytes"] = df["uplink_bytes"].cumsum()
-    df["cumulative_bytes"] = (df["uplink_bytes"] + df["downlink_bytes"]).cumsum()
+    if "run" not in df.columns:
+        df["run"] = str(path)
+    for key, value in (("policy", policy), ("cut", cut)):
+        if value is not None or key not in df.columns:
+            df[key] = value
+    front = list(RUN_KEYS)
+    df = df[front + [c for c in df.columns if c not in front]]
+    df = df.sort_values(["run", "round"], kind="stable").reset_index(drop=True)
+    per_run = df.groupby("run", sort=False, dropna=False)
+    df["cumulative_uplink_bytes"] = per_run["uplink_bytes"].cumsum()
+    df["cumulative_bytes"] = (
+        (df["uplink_bytes"] + df["downlink_bytes"])
+        .groupby(df["run"], sort=False, dropna=False)
+        .cumsum()
+    )
     return df
 
 

@@ -46,13 +46,11 @@ BATCH_SIZE = "batch-size"
 SEED = "seed"
 AUGMENT = "augment"
 CODEC = "codec"  # JSON: {"name": ..., "params": {...}}
-LAST = "last"  # the step message is the last one of the round (no next batch wanted)
 
 # Keys inside the metric records clients send.
 NUM_EXAMPLES = "num-examples"
 CLIENT_ID = "client-id"
 CLIENT_SECONDS = "client-seconds"
-TRAIN_LOSS = "train-loss"
 
 # Keys of what a node keeps in ``context.state`` between messages.
 STATE_WEIGHTS = "splitms.weights"

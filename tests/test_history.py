@@ -167,6 +167,18 @@ def test_load_history_cumulative_columns(tmp_path: Path):
     assert list(df["cumulative_bytes"]) == [575, 1150, 1725, 2300]
 
 
+def test_combined_history_survives_save_and_load(tmp_path: Path):
+    _write(MS, tmp_path / "runs" / "deep" / "ms" / "history.csv")
+    _write(BASE, tmp_path / "runs" / "deep" / "none" / "history.csv")
+    combined = load_history(tmp_path / "runs")
+    save_history(combined, tmp_path / "all.csv")
+    back = load_history(tmp_path / "all.csv")
+    assert sorted(set(back["policy"])) == ["ms", "none"] and set(back["cut"]) == {"deep"}
+    ms = back[back["policy"] == "ms"]
+    assert list(ms["cumulative_uplink_bytes"]) == [75, 150, 225, 300]  # per run, not overall
+    assert set(load_history(tmp_path / "all.csv", cut="medium")["cut"]) == {"medium"}
+
+
 def test_load_history_errors(tmp_path: Path):
     missing = tmp_path / "nope" / "history.csv"
     with pytest.raises(FileNotFoundError, match="nope"):
