@@ -25,8 +25,8 @@ from flwr_splitms.client import augment_generator, batch_positions, codec_genera
 from flwr_splitms.codecs import compression_error, decode_bytes, get_codec
 from flwr_splitms.config import SplitConfig
 from flwr_splitms.experiment import build_split_model, client_data, evaluation_data
+from flwr_splitms.history import HISTORY_COLUMNS
 from flwr_splitms.strategy import (
-    HISTORY_COLUMNS,
     StepProgress,
     evaluate_split,
     lr_at_round,

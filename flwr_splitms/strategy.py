@@ -39,26 +39,9 @@ from flwr_splitms.client import StepSettings
 from flwr_splitms.codecs import Codec, decode_bytes, get_codec
 from flwr_splitms.config import LR_SCHEDULES, SplitConfig
 from flwr_splitms.data import BatchSource
+from flwr_splitms.history import HISTORY_COLUMNS
 
 log = logging.getLogger("flwr")
-
-HISTORY_COLUMNS = (
-    "round",
-    "train_loss",
-    "test_loss",
-    "test_accuracy",
-    "test_top5",
-    "uplink_bytes",
-    "uplink_raw_bytes",
-    "downlink_bytes",
-    "compression_error",
-    "client_seconds",
-    "server_seconds",
-    "message_seconds",
-    "lr",
-    "steps",
-    "num_clients",
-)
 
 
 @dataclass

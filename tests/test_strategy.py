@@ -12,8 +12,8 @@ from split_app import client_app, strategy
 from flwr_splitms import protocol as P
 from flwr_splitms.config import SplitConfig
 from flwr_splitms.experiment import evaluation_data
+from flwr_splitms.history import HISTORY_COLUMNS
 from flwr_splitms.strategy import (
-    HISTORY_COLUMNS,
     MSSplitStrategy,
     SplitResult,
     cast_like,
