@@ -37,14 +37,6 @@ def _isolated_cache() -> Iterator[None]:
     data.clear_cache()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _tiny(n: int = 6, size: int = 8, classes: int = 3) -> ImageTensorDataset:
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -33,15 +32,6 @@ EXPECTED_SHAPES = {
     ("resnet34", "deep"): (256, 14, 14),
 }
 NUM_CLASSES = {"vgg19": 10, "resnet18": 100, "resnet34": 1000}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread() -> Iterator[None]:
-    """Small CPU convolutions: one intra-op thread is as fast, and far faster on a busy box."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _params(module: nn.Module) -> int:
