@@ -420,7 +420,7 @@ class MSSplitStrategy(FedAvg):
             ),
             0.0,
         )
-        node_ids = self._sample(grid)
+        node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes)
         begin = RecordDict({P.ARRAYS: arrays, P.CONFIG: config})
         wall = time.perf_counter()
         replies = self._exchange(
@@ -528,10 +528,7 @@ class MSSplitStrategy(FedAvg):
         """Clients send compressed activations of their local test splits; the server scores."""
         if self.fraction_evaluate == 0.0:
             return None
-        num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_evaluate)
-        node_ids, _ = sample_nodes(
-            grid, self.min_available_nodes, max(num_nodes, self.min_evaluate_nodes)
-        )
+        node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
         settings = StepSettings(
             server_round,
             0.0,
@@ -584,11 +581,10 @@ class MSSplitStrategy(FedAvg):
         return MetricRecord(summarize(loss, top1, top5, count))  # type: ignore[arg-type]
 
     # -- messaging ----------------------------------------------------------------------------
-    def _sample(self, grid: Grid) -> list[int]:
-        num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
-        node_ids, _ = sample_nodes(
-            grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes)
-        )
+    def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
+        """Sample nodes as FedAvg does: a fraction of those connected, at least ``minimum``."""
+        num_nodes = int(len(list(grid.get_node_ids())) * fraction)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, minimum))
         return sorted(node_ids)
 
     def _exchange(
