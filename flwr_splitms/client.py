@@ -66,12 +66,12 @@ class StepSettings:
         """Parse the ConfigRecord of a split message."""
         name, params = P.parse_codec_spec(str(P.config_value(config, P.CODEC)))
         return cls(
-            server_round=int(P.config_value(config, P.ROUND)),
+            server_round=P.config_int(config, P.ROUND),
             lr=float(P.config_value(config, P.LR)),
             momentum=float(P.config_value(config, P.MOMENTUM)),
             weight_decay=float(P.config_value(config, P.WEIGHT_DECAY)),
-            batch_size=int(P.config_value(config, P.BATCH_SIZE)),
-            seed=int(P.config_value(config, P.SEED)),
+            batch_size=P.config_int(config, P.BATCH_SIZE),
+            seed=P.config_int(config, P.SEED),
             augment=bool(P.config_value(config, P.AUGMENT)),
             codec_name=name,
             codec_params=params,
@@ -398,7 +398,7 @@ class SplitClient:
         """A step: apply the gradient of the pending batch, then send the next batch."""
         started = time.perf_counter()
         core, state, settings = self._resume(msg, context)
-        step = int(P.config_value(msg.content.config_records[P.CONFIG], P.STEP))
+        step = P.config_int(msg.content.config_records[P.CONFIG], P.STEP)
         batch = core.forward(state, settings, step=step)
         return self._smashed_reply(msg, context, state, batch, started)
 
@@ -407,7 +407,7 @@ class SplitClient:
         started = time.perf_counter()
         core, state, settings = self._resume(msg, context)
         self._store(context, state)
-        steps = int(P.config_value(msg.content.config_records[P.CONFIG], P.STEP))
+        steps = P.config_int(msg.content.config_records[P.CONFIG], P.STEP)
         metrics = MetricRecord(
             {
                 P.NUM_EXAMPLES: steps * settings.batch_size,

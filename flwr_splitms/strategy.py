@@ -424,14 +424,7 @@ class MSSplitStrategy(FedAvg):
         begin = RecordDict({P.ARRAYS: arrays, P.CONFIG: config})
         wall = time.perf_counter()
         replies = self._exchange(
-            grid,
-            {
-                n: Message(
-                    begin, dst_node_id=n, message_type=P.SPLIT_BEGIN, group_id=str(server_round)
-                )
-                for n in node_ids
-            },
-            timeout,
+            grid, _broadcast(begin, node_ids, P.SPLIT_BEGIN, server_round), timeout
         )
         totals["message_seconds"] += time.perf_counter() - wall
         if not replies:
@@ -504,15 +497,19 @@ class MSSplitStrategy(FedAvg):
             return None, row, None
         ordered = [replies[n] for n in _by_client_id(replies)]
         new_arrays, train_metrics = self.aggregate_train(server_round, ordered)
-        if new_arrays is not None:
-            new_arrays = cast_like(new_arrays, arrays)
         return new_arrays, row, train_metrics
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """FedAvg of the client weights; client ids are not averaged as metrics."""
+        """FedAvg of the client weights, in the clients' own dtypes; client ids are not averaged."""
+        replies = list(replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
+        reference = next(
+            (r.content.array_records[P.ARRAYS] for r in replies if not r.has_error()), None
+        )
+        if arrays is not None and reference is not None:
+            arrays = cast_like(arrays, reference)
         if metrics is not None and P.CLIENT_ID in metrics:
             del metrics[P.CLIENT_ID]
         return arrays, metrics
@@ -529,16 +526,16 @@ class MSSplitStrategy(FedAvg):
         if self.fraction_evaluate == 0.0:
             return None
         node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
-        settings = StepSettings(
-            server_round,
-            0.0,
-            0.0,
-            0.0,
-            self.eval_batch_size,
-            self.seed,
-            False,
-            self.codec_name,
-            self.codec_params,
+        settings = StepSettings(  # inference: no optimizer settings, no augmentation
+            server_round=server_round,
+            lr=0.0,
+            momentum=0.0,
+            weight_decay=0.0,
+            batch_size=self.eval_batch_size,
+            seed=self.seed,
+            augment=False,
+            codec_name=self.codec_name,
+            codec_params=self.codec_params,
         )
         config = settings.to_config()
         config["max-examples"] = self.eval_max_examples
@@ -546,17 +543,7 @@ class MSSplitStrategy(FedAvg):
             config[key] = value
         content = RecordDict({P.ARRAYS: arrays, P.CONFIG: config})
         replies = self._exchange(
-            grid,
-            {
-                n: Message(
-                    content,
-                    dst_node_id=n,
-                    message_type=P.SPLIT_EVALUATE,
-                    group_id=str(server_round),
-                )
-                for n in node_ids
-            },
-            timeout,
+            grid, _broadcast(content, node_ids, P.SPLIT_EVALUATE, server_round), timeout
         )
         loss, top1, top5, count = 0.0, 0, 0, 0
         self.server_model.eval()
@@ -623,6 +610,18 @@ class MSSplitStrategy(FedAvg):
                 "Node %d did not answer within %.0fs; dropped from the round", node, timeout
             )
         return replies
+
+
+def _broadcast(
+    content: RecordDict, node_ids: Iterable[int], message_type: str, server_round: int
+) -> dict[int, Message]:
+    """One message with the same content per node, grouped by round."""
+    return {
+        node: Message(
+            content, dst_node_id=node, message_type=message_type, group_id=str(server_round)
+        )
+        for node in node_ids
+    }
 
 
 def _metrics(reply: Message) -> MetricRecord:
