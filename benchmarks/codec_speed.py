@@ -2,18 +2,25 @@
 
 Run by hand (not part of the tests)::
 
-    .venv/bin/python benchmarks/codec_speed.py [--reps 7] [--threads N] [--shape 64 64 32 32]
+    .venv/bin/python benchmarks/codec_speed.py [--reps 15] [--threads 1 2] [--device cpu]
 
-Rows: every codec with its default parameters (encode = ``encode`` + ``to_bytes``, decode =
-``decode_bytes``, i.e. including the wire format), then two baselines:
+For each thread count, rows: every codec with its default parameters (encode, ``to_bytes``,
+``Payload.from_bytes`` and decode timed separately; "total" is their sum, i.e. the full wire
+round trip), ``encode_measured`` (encode plus the compression error), then baselines:
 
 * ``ms-reference``: MS written the way the authors' code works (``torch.topk`` over the
   flattened tensor, the b-bit codes kept in a float32 tensor, no packing, no wire format);
-  its "bytes" are what sending those two float32 tensors would cost;
-* ``clone``: one ``tensor.clone()``, the memory-bandwidth floor for touching the batch.
+* ``clone``: ``tensor.clone()``, the memory-bandwidth floor for touching the batch, measured
+  warm (after warm-up runs, so the allocator reuses pages instead of faulting fresh ones in).
 
-Times are medians over ``--reps`` repetitions after one warm-up; "x ref" is
-(encode + decode) / (encode + decode of ms-reference).
+Each time is the median over ``--reps`` runs after two warm-up runs; "min" columns give the
+fastest run, the better estimate on a shared, loaded machine. "x clone" is total / clone.
+
+Why a clone can read 8 ms instead of 0.9 ms: with 2 intra-op threads on a machine whose cores
+are busy, every parallel kernel waits for its second thread to be scheduled (a scheduler time
+slice, several ms), whatever the kernel's size; one thread, or an idle machine, avoids it.
+Fresh (cold) 16 MiB allocations also pay ~4k first-touch page faults. The benchmark prints the
+load average and the minor page faults per clone so the figures can be judged.
 """
 
 from __future__ import annotations
@@ -21,23 +28,28 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 
-from flwr_splitms.codecs import Codec, codec_names, compression_error, decode_bytes, get_codec
+from flwr_splitms.codecs import Codec, Payload, codec_names, compression_error, get_codec
+
+BASE_CODECS = ("none", "qu", "sp", "rt", "ms")
 
 
-def median_ms(fn: Callable[[], object], reps: int) -> float:
+def timed(fn: Callable[[], object], reps: int) -> tuple[float, float]:
+    """(median, min) wall time in ms over ``reps`` runs after two warm-up runs."""
+    fn()
     fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000.0
+    return statistics.median(times) * 1e3, min(times) * 1e3
 
 
 def reference_ms_encode(
@@ -65,60 +77,91 @@ def reference_ms_decode(
     return out.reshape(shape)
 
 
+Row = tuple[str, list[tuple[float, float]], int, float]
+
+
+def codec_row(codec: Codec, x: torch.Tensor, g: torch.Generator, reps: int) -> Row:
+    dev = x.device
+    payload = codec.encode(x, generator=g)
+    blob = payload.to_bytes()
+    parsed = Payload.from_bytes(blob)
+    times = [
+        timed(lambda: codec.encode(x, generator=g), reps),
+        timed(payload.to_bytes, reps),
+        timed(lambda: Payload.from_bytes(blob), reps),
+        timed(lambda: codec.decode(parsed, device=dev), reps),
+    ]
+    err = compression_error(x, codec.decode(parsed, device=dev))
+    return codec.name, times, len(blob), err
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--shape", type=int, nargs="+", default=[64, 64, 32, 32])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--codecs", nargs="+", default=list(BASE_CODECS))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    unknown = set(args.codecs) - set(codec_names())
+    if unknown:
+        parser.error(f"unknown codecs {sorted(unknown)}; choose from {codec_names()}")
 
     g = torch.Generator().manual_seed(args.seed)
-    x = torch.relu(torch.randn(args.shape, generator=g))
+    x = torch.relu(torch.randn(args.shape, generator=g)).to(args.device)
     raw = x.numel() * 4
     print(
-        f"shape {tuple(x.shape)} float32 ReLU ({raw / 2**20:.0f} MiB), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s), {os.cpu_count()} CPU(s), "
-        f"{platform.processor() or platform.machine()}, median of {args.reps}"
+        f"shape {tuple(x.shape)} float32 ReLU ({raw / 2**20:.0f} MiB) on {x.device}, torch "
+        f"{torch.__version__}, {os.cpu_count()} CPU(s), "
+        f"{platform.processor() or platform.machine()}, median (min) of {args.reps}, "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
-
-    rows: list[tuple[str, float, float, int, float]] = []
-    for name in codec_names():
-        codec = get_codec(name)
-        blob = codec.encode(x, generator=g).to_bytes()
-
-        def encode(codec: Codec = codec) -> bytes:
-            return codec.encode(x, generator=g).to_bytes()
-
-        def decode(blob: bytes = blob) -> torch.Tensor:
-            return decode_bytes(blob)
-
-        enc = median_ms(encode, args.reps)
-        dec = median_ms(decode, args.reps)
-        err = compression_error(x, decode_bytes(blob))
-        rows.append((name, enc, dec, len(blob), err))
-
-    shape, vector, mask = reference_ms_encode(x)
-    ref_enc = median_ms(lambda: reference_ms_encode(x), args.reps)
-    ref_dec = median_ms(lambda: reference_ms_decode(shape, vector, mask), args.reps)
-    ref_err = compression_error(x, reference_ms_decode(shape, vector, mask))
-    rows.append(("ms-reference", ref_enc, ref_dec, 4 * (mask.numel() + vector.numel()), ref_err))
-    rows.append(("clone", median_ms(lambda: x.clone(), args.reps), 0.0, raw, 0.0))
-
-    ref_total = ref_enc + ref_dec
     header = (
-        f"{'codec':<13} {'encode ms':>10} {'decode ms':>10} {'wire bytes':>11} "
-        f"{'x smaller':>10} {'rel. error':>10} {'x ref':>7}"
+        f"{'codec':<13} {'encode':>13} {'to_bytes':>10} {'from_bytes':>10} {'decode':>13} "
+        f"{'total ms':>15} {'x clone':>12} {'wire bytes':>11} {'rel. error':>10}"
     )
-    print(header)
-    print("-" * len(header))
-    for name, enc, dec, nbytes, err in rows:
-        print(
-            f"{name:<13} {enc:>10.1f} {dec:>10.1f} {nbytes:>11,d} {raw / nbytes:>10.2f} "
-            f"{err:>10.4f} {(enc + dec) / ref_total:>7.2f}"
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        clone_med, clone_min = timed(x.clone, args.reps)
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / (args.reps + 2)
+        print(f"\n{threads} thread(s); warm clone {clone_med:.2f} ms (min {clone_min:.2f}), "
+              f"{faults:.0f} minor page faults per clone")
+        print(header)
+        print("-" * len(header))
+        rows = [codec_row(get_codec(name), x, g, args.reps) for name in args.codecs]
+        ms = get_codec("ms")
+        rows.append(
+            (
+                "ms measured",
+                [timed(lambda: ms.encode_measured(x, generator=g), args.reps), (0, 0), (0, 0),
+                 (0, 0)],
+                0,
+                ms.encode_measured(x)[1],
+            )
         )
+        shape, vector, mask = reference_ms_encode(x)
+        ref = [
+            timed(lambda: reference_ms_encode(x), args.reps),
+            (0.0, 0.0),
+            (0.0, 0.0),
+            timed(lambda: reference_ms_decode(shape, vector, mask), args.reps),
+        ]
+        ref_err = compression_error(x, reference_ms_decode(shape, vector, mask))
+        rows.append(("ms-reference", ref, 4 * (mask.numel() + vector.numel()), ref_err))
+        for name, times, nbytes, err in rows:
+            total_med = sum(t[0] for t in times)
+            total_min = sum(t[1] for t in times)
+            cells = " ".join(
+                f"{t[0]:>6.1f} ({t[1]:>4.1f})" if i in (0, 3) else f"{t[0]:>10.2f}"
+                for i, t in enumerate(times)
+            )
+            print(
+                f"{name:<13} {cells} {total_med:>6.1f} ({total_min:>5.1f}) "
+                f"{total_med / clone_med:>5.1f} ({total_min / clone_min:>4.1f}) "
+                f"{nbytes:>11,d} {err:>10.4f}"
+            )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ sums and computes the paper's Table 1 quantity:
   which the paper prints as "INF" and defines as *failure to reach the baseline accuracy* (not as
   an infinitely good saving); :func:`format_multiplier` renders it that way;
 * :func:`network_time` -- transfer time over the paper's 100 Mbps link.
+
+Traffic is counted on one direction or both: ``traffic="uplink"`` (the compressed activations,
+what the paper's Table 1 counts), ``"downlink"`` (the gradients sent back) or ``"total"``
+(uplink + downlink, what a user pays for; the ``total_bytes`` column).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from flwr_splitms.storage import atomic_write_text
 __all__ = [
     "HISTORY_COLUMNS",
     "REQUIRED_COLUMNS",
+    "TRAFFIC",
     "format_multiplier",
     "load_history",
     "multiplier_table",
@@ -36,6 +41,7 @@ __all__ = [
     "summary_table",
     "traffic_saving_multiplier",
     "traffic_to_accuracy",
+    "with_total_bytes",
 ]
 
 HISTORY_COLUMNS: tuple[str, ...] = (
@@ -47,6 +53,7 @@ HISTORY_COLUMNS: tuple[str, ...] = (
     "uplink_bytes",
     "uplink_raw_bytes",
     "downlink_bytes",
+    "total_bytes",
     "compression_error",
     "client_seconds",
     "server_seconds",
@@ -66,6 +73,25 @@ RUN_KEYS: tuple[str, ...] = ("run", "policy", "cut")
 """Columns that identify one run inside a concatenated history."""
 
 Target = float | Literal["final", "best"]
+Traffic = Literal["uplink", "downlink", "total"]
+TRAFFIC: dict[str, str] = {
+    "uplink": "uplink_bytes",
+    "downlink": "downlink_bytes",
+    "total": "total_bytes",
+}
+"""The ``traffic=`` choices and the per-round bytes column each one sums."""
+
+
+def with_total_bytes(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with ``total_bytes`` = uplink + downlink filled in wherever it is missing or NaN.
+
+    Histories written before the column existed (or by an engine that leaves it empty) get it
+    computed; values an engine wrote are kept.
+    """
+    total = df["uplink_bytes"] + df["downlink_bytes"]
+    out = df.copy()
+    out["total_bytes"] = df["total_bytes"].fillna(total) if "total_bytes" in df else total
+    return out
 
 
 def save_history(df: pd.DataFrame, path: str | Path) -> Path:
@@ -118,6 +144,7 @@ def _load_one(path: Path, *, policy: str | None, cut: str | None) -> pd.DataFram
     missing = [column for column in REQUIRED_COLUMNS if column not in df.columns]
     if missing:
         raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
+    df = with_total_bytes(df)
     sidecar = _read_sidecar(path.parent / SIDECAR_FILENAME)
     # A csv saved from an earlier load_history keeps its labels unless the arguments override.
     if policy is None and "policy" not in df.columns:
@@ -134,11 +161,7 @@ def _load_one(path: Path, *, policy: str | None, cut: str | None) -> pd.DataFram
     df = df.sort_values(["run", "round"], kind="stable").reset_index(drop=True)
     per_run = df.groupby("run", sort=False, dropna=False)
     df["cumulative_uplink_bytes"] = per_run["uplink_bytes"].cumsum()
-    df["cumulative_bytes"] = (
-        (df["uplink_bytes"] + df["downlink_bytes"])
-        .groupby(df["run"], sort=False, dropna=False)
-        .cumsum()
-    )
+    df["cumulative_bytes"] = per_run["total_bytes"].cumsum()
     return df
 
 
@@ -162,12 +185,16 @@ def _cut_from_folders(path: Path) -> str | None:
 
 
 def _traffic(history: pd.DataFrame, traffic: str) -> pd.Series:
-    """Per-round bytes of ``traffic``: a column name, or ``"total"`` = uplink + downlink."""
-    if traffic == "total":
-        return history["uplink_bytes"] + history["downlink_bytes"]
-    if traffic not in history.columns:
-        raise ValueError(f"no traffic column {traffic!r}; columns: {', '.join(history.columns)}")
-    return history[traffic]
+    """Per-round bytes of ``traffic``: ``"uplink"``, ``"downlink"``, ``"total"`` or a column."""
+    column = TRAFFIC.get(traffic, traffic)
+    if column == "total_bytes":
+        return with_total_bytes(history)["total_bytes"]
+    if column not in history.columns:
+        raise ValueError(
+            f"no traffic column {traffic!r}; use one of {', '.join(TRAFFIC)} or a bytes column "
+            f"({', '.join(c for c in history.columns if c.endswith('_bytes'))})"
+        )
+    return history[column]
 
 
 def _one_run(history: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -190,14 +217,15 @@ def traffic_to_accuracy(
     target: float,
     *,
     column: str = "test_accuracy",
-    traffic: str = "uplink_bytes",
+    traffic: Traffic | str = "uplink",
 ) -> float:
     """Bytes sent (summed per round, in round order) until ``column`` first reaches ``target``.
 
     The round that reaches the target counts in full (the accuracy is measured after its
     training). Rounds whose ``column`` is NaN (not evaluated) count their bytes but cannot reach
-    the target. Returns ``math.inf`` if the target is never reached. ``traffic`` is a bytes column
-    (default ``uplink_bytes``, the compressed smashed data) or ``"total"`` (uplink + downlink).
+    the target. Returns ``math.inf`` if the target is never reached. ``traffic``: ``"uplink"``
+    (default, the compressed smashed data), ``"downlink"``, ``"total"`` (uplink + downlink) or
+    the name of a bytes column.
     """
     run = _one_run(history, column)
     cumulative = _traffic(run, traffic).cumsum().to_numpy()
@@ -226,7 +254,7 @@ def traffic_saving_multiplier(
     *,
     target: Target = "final",
     column: str = "test_accuracy",
-    traffic: str = "uplink_bytes",
+    traffic: Traffic | str = "uplink",
 ) -> float:
     """The paper's Table 1 "traffic saving multiplier" of ``other`` against ``baseline``.
 
@@ -234,7 +262,8 @@ def traffic_saving_multiplier(
     accuracy, by default the uncompressed baseline's own final accuracy (``target="final"``;
     ``"best"`` uses its maximum, as the authors' plots draw the baseline line, or pass a number).
     Table 1 counts the traffic of the compressed cut-layer activations, hence the default
-    ``traffic="uplink_bytes"``.
+    ``traffic="uplink"``; ``"total"`` counts the gradients sent back too (``"downlink"`` alone
+    is also accepted).
 
     Returns ``math.inf`` when ``other`` never reaches the target: the paper marks exactly that
     case "INF" ("failure to achieve baseline accuracy level"), so INF means *failed*, not an
@@ -310,7 +339,7 @@ def summary_table(
     *,
     target: Target = "final",
     column: str = "test_accuracy",
-    traffic: str = "uplink_bytes",
+    traffic: Traffic | str = "uplink",
     uplink_mbps: float = 100.0,
 ) -> pd.DataFrame:
     """One row per (cut, policy): accuracy, traffic and the Table 1 multiplier vs the baseline.

@@ -1,10 +1,10 @@
-"""SplitFed in one process, without Flower: the ground truth and the engine for quick studies.
+"""SplitFed in one process, without Flower: the engine for quick studies and the equivalence oracle.
 
-Same models, codec, seeds, data order and order of operations as the Flower path, but written
-independently of the client's message handlers: every client keeps its live model and optimizer,
-and the autograd graph of a batch simply survives until the server's gradient comes back. The
-equivalence test runs both and compares weights and losses, which checks the protocol's
-recomputation, BatchNorm restore and state round trips.
+It drives the same core as the Flower adapters (:mod:`flwr_splitms.core`): the same client half,
+server half, round accounting and FedAvg, with the same seeds and order of operations, but no
+messages: every client keeps its live model, so the autograd graph of a block simply survives
+until the server's gradients come back. The equivalence test runs both engines and compares
+weights, losses and bytes, which checks the message adapters (state round trips, recomputation).
 """
 
 from __future__ import annotations
@@ -14,31 +14,31 @@ import logging
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from flwr_splitms.client import augment_generator, batch_positions, codec_generator, take_batch
-from flwr_splitms.codecs import compression_error, decode_bytes, get_codec
 from flwr_splitms.config import SplitConfig
-from flwr_splitms.experiment import build_split_model, client_data, evaluation_data
+from flwr_splitms.core.accounting import RoundAccumulator, StepProgress, log_round
+from flwr_splitms.core.aggregation import fedavg
+from flwr_splitms.core.client_half import ClientState, SplitClientCore
+from flwr_splitms.core.link import link_for
+from flwr_splitms.core.schedule import first_block, lr_at_round, plan_blocks
+from flwr_splitms.core.server_half import ClientUpload, SplitServerCore, evaluate_split
+from flwr_splitms.core.settings import StepSettings
+from flwr_splitms.data import BatchSource
+from flwr_splitms.devices import resolve_device
 from flwr_splitms.history import HISTORY_COLUMNS
-from flwr_splitms.strategy import (
-    StepProgress,
-    evaluate_split,
-    lr_at_round,
-    server_step,
-)
 
 log = logging.getLogger("flwr")
 
 
 @dataclass
 class LocalResult:
-    """Outcome of :func:`run_local`."""
+    """Outcome of :func:`run_local`: history and the final weights of both halves."""
 
     history: pd.DataFrame
     client_weights: dict[str, torch.Tensor]
@@ -46,163 +46,106 @@ class LocalResult:
     config: SplitConfig = field(repr=False)
 
 
-@dataclass
-class _Client:
-    client_id: int
-    model: nn.Module
-    optimizer: torch.optim.SGD
-    data: object
-    epoch: int = 0
-    position: int = 0
+def round_settings(config: SplitConfig, server_round: int, lr: float) -> StepSettings:
+    """The settings a round of ``config`` runs with (what the strategy sends its clients)."""
+    return StepSettings(
+        server_round=server_round,
+        lr=lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        augment=config.augment,
+        codec_name=config.codec,
+        codec_params=config.codec_params,
+        grad_codec_name=config.grad_codec,
+        grad_codec_params=config.grad_codec_params,
+        error_every=config.error_every,
+    )
 
 
-def fedavg(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    """Weighted average of state dicts, computed as Flower's FedAvg does, cast back to dtype."""
-    total = sum(weights)
-    factors = [w / total for w in weights]
-    out: dict[str, torch.Tensor] = {}
-    for key, reference in states[0].items():
-        acc = states[0][key].numpy() * factors[0]
-        for state, factor in zip(states[1:], factors[1:], strict=True):
-            acc += state[key].numpy() * factor
-        dtype = reference.numpy().dtype
-        if np.issubdtype(dtype, np.integer):
-            acc = np.rint(acc)
-        out[key] = torch.from_numpy(np.array(acc.astype(dtype), order="C"))
-    return out
+def _build(
+    config: SplitConfig,
+    num_clients: int,
+    models: tuple[nn.Module, nn.Module] | None,
+    client_data: Sequence[BatchSource] | None,
+    test_data: BatchSource | None,
+    evaluate: bool,
+) -> tuple[nn.Module, nn.Module, list[BatchSource], BatchSource | None]:
+    """The networks and data of a run: the user's own, or built from ``config`` by name."""
+    from flwr_splitms import experiment  # builds the paper's models and datasets by name
+
+    client_net, server_net = models if models is not None else experiment.build_split_model(config)
+    if client_data is not None:
+        if len(client_data) != num_clients:
+            raise ValueError(
+                f"client_data holds {len(client_data)} data sets for {num_clients} clients; "
+                "pass one BatchSource per client"
+            )
+        train = list(client_data)
+    else:
+        train = [experiment.client_data(config, c, num_clients)[0] for c in range(num_clients)]
+    if evaluate and test_data is None and models is None and client_data is None:
+        test_data = experiment.evaluation_data(config)
+    return client_net, server_net, train, test_data if evaluate else None
 
 
 def run_local(
     config: SplitConfig,
     num_clients: int,
     *,
-    device: str = "cpu",
+    device: str | None = None,
     evaluate: bool = True,
+    models: tuple[nn.Module, nn.Module] | None = None,
+    client_data: Sequence[BatchSource] | None = None,
+    test_data: BatchSource | None = None,
 ) -> LocalResult:
     """Train ``config`` with ``num_clients`` simulated clients; returns per-round history.
 
-    Clients are sampled per round with ``fraction-train`` (all of them at 1.0), in client-id order.
+    ``models=(client_net, server_net)``, ``client_data`` (one BatchSource per client) and
+    ``test_data`` replace the networks and data that ``config`` names (bring your own).
+    ``device`` overrides ``config.device``. Clients are sampled per round with
+    ``fraction-train`` (all of them at 1.0) and run in client-id order.
     """
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
-    codec = get_codec(config.codec, **config.codec_params)
-    client_template, server_net = build_split_model(config)
-    server_net.to(device)
-    global_weights = {k: v.detach().clone() for k, v in client_template.state_dict().items()}
-    server_opt = torch.optim.SGD(
-        server_net.parameters(),
+    resolved = resolve_device(device or config.device)
+    link_for(round_settings(config, 0, config.lr))  # a bad codec fails before anything is built
+    client_net, server_net, train, test_set = _build(
+        config, num_clients, models, client_data, test_data, evaluate
+    )
+    global_weights = {k: v.detach().cpu().clone() for k, v in client_net.state_dict().items()}
+    server = SplitServerCore(
+        server_net,
         lr=config.lr,
         momentum=config.momentum,
         weight_decay=config.weight_decay,
+        device=resolved,
     )
-    clients = []
-    for cid in range(num_clients):
-        model = copy.deepcopy(client_template).to(device)
-        train, _ = client_data(config, cid, num_clients)
-        optimizer = torch.optim.SGD(
-            model.parameters(),
-            lr=config.lr,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-        )
-        clients.append(_Client(cid, model, optimizer, train))
-    evaluation_set = evaluation_data(config) if evaluate else None
+    cores = [
+        SplitClientCore(copy.deepcopy(client_net), data, client_id=cid, device=resolved)
+        for cid, data in enumerate(train)
+    ]
+    states: list[ClientState | None] = [None] * num_clients
     sampler = random.Random(config.seed)
     rows = []
     for server_round in range(1, config.num_server_rounds + 1):
-        started = time.perf_counter()
-        lr = lr_at_round(config.lr, config.lr_schedule, server_round, config.num_server_rounds)
         count = max(int(num_clients * config.fraction_train), 1)
-        sampled = (
+        active = (
             sorted(sampler.sample(range(num_clients), count))
             if count < num_clients
             else list(range(num_clients))
         )
-        active = [clients[c] for c in sampled]
-        for group in server_opt.param_groups:
-            group["lr"] = lr
-        for client in active:
-            client.model.load_state_dict(global_weights)
-            for group in client.optimizer.param_groups:
-                group["lr"] = lr
-        steps = config.steps_per_round or min(len(c.data) // config.batch_size for c in active)  # type: ignore[arg-type]
-        steps = max(steps, 1)
-        totals = dict.fromkeys(("uplink_bytes", "uplink_raw_bytes", "downlink_bytes"), 0.0)
-        client_seconds = server_seconds = 0.0
-        losses, errors = [], []
-        progress = StepProgress(f"[local] round {server_round}", steps)
-        for step in range(steps):
-            outputs, decoded, labels, slowest = [], [], [], 0.0
-            for client in active:
-                tic = time.perf_counter()
-                size = len(client.data)  # type: ignore[arg-type]
-                client.epoch, position = take_batch(
-                    size, config.batch_size, client.epoch, client.position, client.client_id
-                )
-                client.position = position + config.batch_size
-                positions = batch_positions(
-                    size, config.batch_size, config.seed, client.client_id, client.epoch, position
-                )
-                x, y = client.data.batch(  # type: ignore[attr-defined]
-                    positions,
-                    augment=config.augment,
-                    generator=augment_generator(config.seed, client.client_id, server_round, step),
-                )
-                client.model.train()
-                activations = client.model(x.to(device))
-                payload = codec.encode(
-                    activations.detach(),
-                    generator=codec_generator(config.seed, client.client_id, server_round, step),
-                    train=True,
-                )
-                blob = payload.to_bytes()
-                errors.append(compression_error(activations.detach().cpu(), codec.decode(payload)))
-                totals["uplink_bytes"] += len(blob)
-                totals["uplink_raw_bytes"] += payload.raw_nbytes
-                outputs.append(activations)
-                decoded.append(decode_bytes(blob))
-                labels.append(y)
-                slowest = max(slowest, time.perf_counter() - tic)
-            client_seconds += slowest
-            tic = time.perf_counter()
-            outcome = server_step(server_net, server_opt, decoded, labels)
-            server_seconds += time.perf_counter() - tic
-            losses.append(outcome.loss)
-            progress.update(step + 1, outcome.loss)
-            slowest = 0.0
-            for client, activations, gradient in zip(
-                active, outputs, outcome.gradients, strict=True
-            ):
-                tic = time.perf_counter()
-                totals["downlink_bytes"] += gradient.numel() * gradient.element_size()
-                client.optimizer.zero_grad(set_to_none=True)
-                activations.backward(
-                    gradient.to(device=activations.device, dtype=activations.dtype)
-                )
-                client.optimizer.step()
-                slowest = max(slowest, time.perf_counter() - tic)
-            client_seconds += slowest
-        states = [{k: v.detach().cpu() for k, v in c.model.state_dict().items()} for c in active]
-        global_weights = fedavg(states, [float(steps * config.batch_size)] * len(active))
-        row: dict[str, float] = {
-            "round": server_round,
-            "train_loss": float(np.mean(losses)),
-            "compression_error": float(np.mean(errors)),
-            "client_seconds": client_seconds,
-            "server_seconds": server_seconds,
-            "message_seconds": 0.0,
-            "lr": lr,
-            "steps": steps,
-            "num_clients": len(active),
-            **totals,
-        }
-        if evaluation_set is not None:
-            client_template.load_state_dict(global_weights)
+        global_weights, row = _round(
+            config, server, cores, states, active, server_round, global_weights
+        )
+        if test_set is not None:
+            client_net.load_state_dict(global_weights)
             scores = evaluate_split(
-                client_template.to(device),
-                server_net,
-                codec,
-                evaluation_set,
+                client_net.to(resolved),
+                server.model,
+                link_for(round_settings(config, server_round, 0.0)).uplink,
+                test_set,
                 batch_size=config.eval_batch_size,
                 max_examples=config.eval_max_examples,
             )
@@ -211,17 +154,73 @@ def run_local(
             )
         else:
             row.update(test_loss=math.nan, test_accuracy=math.nan, test_top5=math.nan)
-        row["round_seconds"] = time.perf_counter() - started
         rows.append(row)
-        log.info(
-            "[local %d/%d] train loss %.4f | test acc %.2f%% | uplink %.2f MB | %.1fs",
-            server_round,
-            config.num_server_rounds,
-            row["train_loss"],
-            100 * row["test_accuracy"] if not math.isnan(row["test_accuracy"]) else float("nan"),
-            row["uplink_bytes"] / 1e6,
-            row["round_seconds"],
-        )
-    history = pd.DataFrame(rows, columns=[*HISTORY_COLUMNS, "round_seconds"])
-    server_weights = {k: v.detach().cpu().clone() for k, v in server_net.state_dict().items()}
+        log_round(row, config.num_server_rounds, engine="local")
+    columns = list(dict.fromkeys([*HISTORY_COLUMNS, *(k for row in rows for k in row)]))
+    history = pd.DataFrame(rows, columns=columns)
+    server_weights = {k: v.detach().cpu().clone() for k, v in server.model.state_dict().items()}
     return LocalResult(history, global_weights, server_weights, config)
+
+
+def _round(
+    config: SplitConfig,
+    server: SplitServerCore,
+    cores: list[SplitClientCore],
+    states: list[ClientState | None],
+    active: list[int],
+    server_round: int,
+    global_weights: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """One round on the sampled clients, in the order of operations of the Flower path."""
+    lr = lr_at_round(config.lr, config.lr_schedule, server_round, config.num_server_rounds)
+    server.set_lr(lr)
+    settings = round_settings(config, server_round, lr)
+    link = link_for(settings)
+    acc = RoundAccumulator(server_round, lr, num_clients=len(active))
+    round_states = {c: cores[c].start_round(global_weights, states[c]) for c in active}
+    steps = config.steps_per_round or min(
+        len(cores[c].train_data) // config.batch_size for c in active
+    )
+    first = first_block(config.steps_per_round, config.steps_per_message)
+    blocks = plan_blocks(max(steps, 1), config.steps_per_message, first)
+    progress = StepProgress(f"[local] round {server_round}", sum(blocks))
+    step = 0
+    for count in blocks:
+        uploads, slowest = {}, 0.0
+        for c in active:
+            tic = time.perf_counter()
+            batches = cores[c].forward(round_states[c], settings, range(step, step + count))
+            slowest = max(slowest, time.perf_counter() - tic)
+            upload = ClientUpload(
+                c,
+                [b.blob for b in batches],
+                [b.labels for b in batches],
+                float(sum(b.raw_nbytes for b in batches)),
+                [b.error for b in batches],
+            )
+            acc.uplink(sum(len(b) for b in upload.blobs), upload.raw_nbytes, upload.errors)
+            uploads[c] = upload
+        acc.client_seconds += slowest
+        tic = time.perf_counter()
+        block = server.run_block(link, settings, uploads, step, count)
+        acc.server_seconds += time.perf_counter() - tic
+        if block.dropped:
+            raise RuntimeError(
+                f"the local engine's own clients sent unusable data: {block.dropped}"
+            )
+        acc.losses.extend(block.losses)
+        step += count
+        progress.update(step, block.losses[-1])
+        slowest = 0.0
+        for c in active:
+            acc.downlink(sum(len(b) for b in block.gradients[c]))
+            tic = time.perf_counter()
+            cores[c].backward(round_states[c], settings, block.gradients[c])
+            slowest = max(slowest, time.perf_counter() - tic)
+        acc.client_seconds += slowest
+    for c in active:
+        states[c] = round_states[c]
+    weights = fedavg(
+        [round_states[c].weights for c in active], [float(step * config.batch_size)] * len(active)
+    )
+    return weights, acc.row()

@@ -1,10 +1,11 @@
-"""MSSplitStrategy: the server side of SplitFed over Flower's Message API.
+"""MSSplitStrategy: the Flower adapter for the server half of SplitFed.
 
-Flower's ClientApps only answer, so the strategy drives every step of a round: it decodes the
-sampled clients' compressed activations, runs the server-side model, takes one optimizer step and
-sends each client the gradient w.r.t. its decoded activations in the message that also asks for the
-next batch (one round trip per step). At round end the client-side weights are averaged with
-FedAvg's own aggregation. Steps are driven with ``push_messages`` and a short polling loop:
+Flower's ClientApps only answer, so the strategy drives every step of a round: it sends the round
+start, then per block of steps it hands the clients' compressed activations to the server half
+(:class:`flwr_splitms.core.SplitServerCore`), which steps the server model and produces each
+client's gradient, and sends those back in the message that also asks for the next block (one
+round trip per block). At round end the client-side weights are averaged with FedAvg's own
+aggregation. Steps are driven with ``push_messages`` and a short polling loop:
 ``send_and_receive`` of the HTTP grid sleeps 3 s between pulls, far longer than a step.
 """
 
@@ -12,7 +13,10 @@ from __future__ import annotations
 
 import logging
 import math
+import random
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +24,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -35,13 +38,27 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from torch import nn
 
 from flwr_splitms import protocol as P
-from flwr_splitms.client import StepSettings
-from flwr_splitms.codecs import Codec, decode_bytes, get_codec
-from flwr_splitms.config import LR_SCHEDULES, SplitConfig
+from flwr_splitms.checkpoint import RunState
+from flwr_splitms.codecs import get_codec
+from flwr_splitms.config import SplitConfig
+from flwr_splitms.core.accounting import RoundAccumulator, StepProgress, log_round
+from flwr_splitms.core.link import link_for
+from flwr_splitms.core.schedule import LR_SCHEDULES, first_block, lr_at_round, plan_blocks
+from flwr_splitms.core.server_half import ClientUpload, SplitServerCore, evaluate_split
+from flwr_splitms.core.settings import StepSettings
 from flwr_splitms.data import BatchSource
 from flwr_splitms.history import HISTORY_COLUMNS
 
 log = logging.getLogger("flwr")
+_DEFAULTS = SplitConfig()
+
+
+class NotEnoughNodesError(RuntimeError):
+    """Fewer nodes connected than the run needs, after waiting ``node_wait`` seconds."""
+
+
+class ClientsFailedError(RuntimeError):
+    """Every client of an exchange failed with the same error: retrying cannot help."""
 
 
 @dataclass
@@ -49,110 +66,6 @@ class SplitResult(Result):
     """Flower's ``Result`` plus the per-round metrics as a DataFrame (see HISTORY_COLUMNS)."""
 
     history: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=HISTORY_COLUMNS))
-
-
-def lr_at_round(base_lr: float, schedule: str, server_round: int, num_rounds: int) -> float:
-    """Learning rate of a round: constant, cosine from ``base_lr`` to 0, or x0.1 at 50% and 75%."""
-    if schedule not in LR_SCHEDULES:
-        raise ValueError(f"unknown lr schedule {schedule!r}; choose one of {LR_SCHEDULES}")
-    progress = (server_round - 1) / max(num_rounds, 1)
-    if schedule == "cosine":
-        return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    if schedule == "step":
-        return base_lr * (0.1 ** ((progress >= 0.5) + (progress >= 0.75)))
-    return base_lr
-
-
-@dataclass
-class StepOutcome:
-    """What one server step produced."""
-
-    gradients: list[torch.Tensor]
-    loss: float
-    client_losses: list[float]
-
-
-def server_step(
-    server_net: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    activations: list[torch.Tensor],
-    labels: list[torch.Tensor],
-) -> StepOutcome:
-    """One SplitFed server step on the clients' decoded activations (paper Eq. 1).
-
-    The server loss is the mean over clients of each client's mean loss. Each client gets the
-    gradient of its own mean loss w.r.t. its decoded activations (identity through the codec,
-    paper Lemma 2), so its update has the scale of ordinary SGD on its own batch.
-    """
-    device = next(server_net.parameters()).device
-    inputs = [a.detach().to(device).float().requires_grad_(True) for a in activations]
-    server_net.train()
-    logits = server_net(torch.cat(inputs))
-    targets = torch.cat([y.to(device) for y in labels])
-    per_sample = F.cross_entropy(logits, targets, reduction="none")
-    client_losses = [part.mean() for part in per_sample.split([len(y) for y in labels])]
-    loss = torch.stack(client_losses).mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    count = len(inputs)
-    gradients = [
-        (_grad(x) * count).to(dtype=a.dtype, device="cpu")
-        for x, a in zip(inputs, activations, strict=True)
-    ]
-    return StepOutcome(gradients, float(loss.detach()), [float(c.detach()) for c in client_losses])
-
-
-def _grad(leaf: torch.Tensor) -> torch.Tensor:
-    if leaf.grad is None:
-        raise RuntimeError("the server model does not depend on the activations it was given")
-    return leaf.grad
-
-
-def score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int]:
-    """Summed cross-entropy, top-1 hits and top-5 hits of a batch."""
-    loss = float(F.cross_entropy(logits, labels, reduction="sum"))
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    hits = top == labels.unsqueeze(1)
-    return loss, int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
-
-
-def summarize(loss: float, top1: int, top5: int, count: int) -> dict[str, float]:
-    """Turn summed scores into mean loss and accuracies (NaN when nothing was scored)."""
-    if count == 0:
-        return {"loss": math.nan, "accuracy": math.nan, "top5": math.nan, "num-examples": 0}
-    return {
-        "loss": loss / count,
-        "accuracy": top1 / count,
-        "top5": top5 / count,
-        "num-examples": count,
-    }
-
-
-@torch.no_grad()
-def evaluate_split(
-    client_net: nn.Module,
-    server_net: nn.Module,
-    codec: Codec,
-    data: BatchSource,
-    *,
-    batch_size: int = 256,
-    max_examples: int = 0,
-) -> dict[str, float]:
-    """Inference through client net, codec and server net, as a deployment would run it."""
-    client_net.eval()
-    server_net.eval()
-    client_device = next(client_net.parameters()).device
-    server_device = next(server_net.parameters()).device
-    total = len(data) if max_examples <= 0 else min(max_examples, len(data))
-    loss, top1, top5 = 0.0, 0, 0
-    for start in range(0, total, batch_size):
-        x, y = data.batch(torch.arange(start, min(start + batch_size, total)), augment=False)
-        activations = client_net(x.to(client_device))
-        decoded = codec.decode(codec.encode(activations, train=False)).to(server_device)
-        batch = score(server_net(decoded.float()), y.to(server_device))
-        loss, top1, top5 = loss + batch[0], top1 + batch[1], top5 + batch[2]
-    return summarize(loss, top1, top5, total)
 
 
 def cast_like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
@@ -168,83 +81,163 @@ def cast_like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
     return out
 
 
-class StepProgress:
-    """Logs a progress line about every ``interval`` seconds during a long round."""
+class AdaptiveWait:
+    """How long to wait for the replies of a step: a multiple of the recent reply times.
 
-    def __init__(self, label: str, total: int, interval: float = 30.0) -> None:
-        self.label, self.total, self.interval = label, total, interval
-        self.started = self.last = time.monotonic()
+    A node that vanished mid-round is dropped after ``factor`` x the median time the last
+    replies took (at least ``floor`` seconds), not after the ``ceiling`` (``step-timeout``).
+    Until ``warmup`` replies have been seen, the ceiling applies.
+    """
 
-    def update(self, step: int, loss: float) -> None:
-        """Report step ``step`` (1-based) if the interval has passed."""
-        now = time.monotonic()
-        if now - self.last >= self.interval and step < self.total:
-            self.last = now
-            rate = step / (now - self.started)
-            log.info(
-                "%s: step %d/%d, loss %.4f, about %.0fs left",
-                self.label,
-                step,
-                self.total,
-                loss,
-                (self.total - step) / rate,
-            )
+    def __init__(
+        self, ceiling: float, *, factor: float = 5.0, floor: float = 10.0, warmup: int = 3
+    ) -> None:
+        self.ceiling, self.factor, self.floor, self.warmup = ceiling, factor, floor, warmup
+        self.recent: deque[float] = deque(maxlen=50)
+
+    def budget(self) -> float:
+        """Seconds to wait for the next exchange."""
+        if len(self.recent) < self.warmup:
+            return self.ceiling
+        return min(self.ceiling, max(self.floor, self.factor * statistics.median(self.recent)))
+
+    def observe(self, seconds: float) -> None:
+        """A reply arrived ``seconds`` after its message was pushed."""
+        self.recent.append(seconds)
 
 
 class MSSplitStrategy(FedAvg):
     """SplitFed with compressed cut-layer activations, as a Flower ``FedAvg`` strategy.
 
-    It holds the server-side model, its SGD optimizer and LR schedule, and the codec the clients
-    use for their activations. ``start`` runs the rounds and returns a :class:`SplitResult`;
-    ``history`` holds the per-round metrics as a DataFrame. Remaining keyword arguments go to
-    ``FedAvg`` (``fraction_train``, ``min_train_nodes``, ``min_available_nodes``, ...).
+    It holds the server-side model and its SGD optimizer (in a ``SplitServerCore``), the LR
+    schedule, and the codecs of both directions. ``start`` runs the rounds and returns a
+    :class:`SplitResult`; ``history`` holds the per-round metrics as a DataFrame. Defaults equal
+    :class:`~flwr_splitms.config.SplitConfig`'s (the run-config keys in brackets).
+
+    Parameters
+    ----------
+    server_model : the server-side network (it is moved to ``device``).
+    codec, codec_params : uplink codec of the activations and its parameters (``codec``,
+        ``codec-*``); None = the codec's own defaults. Checked at construction.
+    grad_codec, grad_codec_params : downlink codec of the gradients (``grad-codec``,
+        ``grad-codec-*``); ``"none"`` sends raw gradients, as the paper does.
+    lr, momentum, weight_decay : SGD of both halves (``lr``, ``momentum``, ``weight-decay``).
+    lr_schedule : ``"cosine"``, ``"step"`` or ``"constant"`` over ``num_rounds`` (``lr-schedule``).
+    batch_size : examples per client and step (``batch-size``).
+    steps_per_round : steps per round; 0 = one local epoch of the smallest sampled partition.
+    steps_per_message : K steps per round trip (``steps-per-message``); 1 = the exact algorithm;
+        K > 1 evaluates the client gradients of a block at the block's starting weights.
+    augment : random crop and flip of training batches (``augment``).
+    seed : seeds data order, augmentation and randomized codecs (``seed``).
+    device : ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"`` for the server model.
+    eval_batch_size, eval_max_examples : evaluation batches and examples (0 = all).
+    error_every : measure the compression error every N-th step (``error-every``).
+    num_classes : bound of the labels clients may send; None = the last ``nn.Linear``'s outputs.
+    node_wait : seconds to wait for ``min_available_nodes`` before stopping with
+        :class:`NotEnoughNodesError` (``node-wait``).
+    wait_factor, wait_floor : the adaptive per-step wait (see :class:`AdaptiveWait`).
+    poll_interval : seconds between the first pulls for replies.
+    **fedavg_kwargs : ``FedAvg``'s own: ``fraction_train``, ``fraction_evaluate``,
+        ``min_train_nodes``, ``min_evaluate_nodes``, ``min_available_nodes``,
+        ``arrayrecord_key``, ``configrecord_key``, ``train_metrics_aggr_fn``,
+        ``evaluate_metrics_aggr_fn``. ``weighted_by_key`` must stay ``"num-examples"`` (what the
+        split clients report).
     """
 
     def __init__(
         self,
         server_model: nn.Module,
         *,
-        codec: str = "ms",
+        codec: str = _DEFAULTS.codec,
         codec_params: Mapping[str, Any] | None = None,
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        lr_schedule: str = "cosine",
-        batch_size: int = 64,
-        steps_per_round: int = 0,
-        augment: bool = True,
-        seed: int = 0,
-        device: str = "cpu",
-        eval_batch_size: int = 256,
-        eval_max_examples: int = 0,
+        grad_codec: str = _DEFAULTS.grad_codec,
+        grad_codec_params: Mapping[str, Any] | None = None,
+        lr: float = _DEFAULTS.lr,
+        momentum: float = _DEFAULTS.momentum,
+        weight_decay: float = _DEFAULTS.weight_decay,
+        lr_schedule: str = _DEFAULTS.lr_schedule,
+        batch_size: int = _DEFAULTS.batch_size,
+        steps_per_round: int = _DEFAULTS.steps_per_round,
+        steps_per_message: int = _DEFAULTS.steps_per_message,
+        augment: bool = _DEFAULTS.augment,
+        seed: int = _DEFAULTS.seed,
+        device: str = _DEFAULTS.device,
+        eval_batch_size: int = _DEFAULTS.eval_batch_size,
+        eval_max_examples: int = _DEFAULTS.eval_max_examples,
+        error_every: int = _DEFAULTS.error_every,
+        num_classes: int | None = None,
+        node_wait: float = _DEFAULTS.node_wait,
+        wait_factor: float = 5.0,
+        wait_floor: float = 10.0,
         poll_interval: float = 0.01,
         **fedavg_kwargs: Any,
     ) -> None:
-        fedavg_kwargs.setdefault("fraction_evaluate", 0.0)
+        fedavg_kwargs.setdefault("fraction_evaluate", _DEFAULTS.fraction_evaluate)
+        weighted = fedavg_kwargs.get("weighted_by_key", P.NUM_EXAMPLES)
+        if weighted != P.NUM_EXAMPLES:
+            raise ValueError(
+                f"weighted_by_key={weighted!r} is not supported: split clients report their "
+                f"example counts as {P.NUM_EXAMPLES!r}; leave weighted_by_key unset"
+            )
         super().__init__(**fedavg_kwargs)
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose one of {LR_SCHEDULES}")
-        if batch_size < 1 or steps_per_round < 0:
-            raise ValueError("batch_size must be >= 1 and steps_per_round >= 0")
-        self.codec_name = codec
-        self.codec_params = dict(codec_params or {})
-        self.codec = get_codec(codec, **self.codec_params)  # fails early on a bad choice
-        self.device = torch.device(device)
-        self.server_model = server_model.to(self.device)
-        self.optimizer = torch.optim.SGD(
-            self.server_model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+        for name, value, low in (
+            ("batch_size", batch_size, 1),
+            ("steps_per_round", steps_per_round, 0),
+            ("steps_per_message", steps_per_message, 1),
+            ("error_every", error_every, 1),
+        ):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        self.codec_name, self.grad_codec_name = codec, grad_codec
+        self.codec_params = dict(get_codec(codec, **dict(codec_params or {})).params)
+        self.grad_codec_params = dict(grad_codec_params or {})
+        self.server = SplitServerCore(
+            server_model,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            device=device,
+            num_classes=num_classes,
         )
         self.base_lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.lr_schedule = lr_schedule
         self.batch_size = batch_size
         self.steps_per_round = steps_per_round
+        self.steps_per_message = steps_per_message
         self.augment = augment
         self.seed = seed
         self.eval_batch_size = eval_batch_size
         self.eval_max_examples = eval_max_examples
+        self.error_every = error_every
+        self.node_wait = node_wait
         self.poll_interval = poll_interval
+        self.wait = AdaptiveWait(math.inf, factor=wait_factor, floor=wait_floor)
         self.rows: list[dict[str, float]] = []
+        self.cursors: dict[int, tuple[int, int, int]] = {}  # client id -> its data cursor
         self.round_callbacks: list[Callable[[int, ArrayRecord, dict[str, float]], None]] = []
+        link_for(self.settings(0, lr))  # fails early on a bad codec of either direction
+
+    @property
+    def server_model(self) -> nn.Module:
+        """The server-side network."""
+        return self.server.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The server-side SGD optimizer."""
+        return self.server.optimizer
+
+    @property
+    def device(self) -> torch.device:
+        """The server model's device."""
+        return self.server.device
+
+    @property
+    def codec(self) -> Any:
+        """The uplink codec."""
+        return link_for(self.settings(0, self.base_lr)).uplink
 
     @classmethod
     def from_config(
@@ -254,43 +247,69 @@ class MSSplitStrategy(FedAvg):
         settings: dict[str, Any] = {
             "codec": config.codec,
             "codec_params": config.codec_params,
+            "grad_codec": config.grad_codec,
+            "grad_codec_params": config.grad_codec_params,
             "lr": config.lr,
             "momentum": config.momentum,
             "weight_decay": config.weight_decay,
             "lr_schedule": config.lr_schedule,
             "batch_size": config.batch_size,
             "steps_per_round": config.steps_per_round,
+            "steps_per_message": config.steps_per_message,
             "augment": config.augment,
             "seed": config.seed,
+            "device": config.device,
             "eval_batch_size": config.eval_batch_size,
             "eval_max_examples": config.eval_max_examples,
+            "error_every": config.error_every,
+            "node_wait": config.node_wait,
             "fraction_train": config.fraction_train,
             "fraction_evaluate": config.fraction_evaluate,
+            "min_available_nodes": config.min_nodes,
+            "min_train_nodes": config.min_nodes,
         }
         settings.update(kwargs)
         return cls(server_model, **settings)
 
+    def settings(self, server_round: int, lr: float, *, train: bool = True) -> StepSettings:
+        """The round settings sent to the clients (inference settings with ``train=False``)."""
+        return StepSettings(
+            server_round=server_round,
+            lr=lr if train else 0.0,
+            momentum=self.momentum if train else 0.0,
+            weight_decay=self.weight_decay if train else 0.0,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            seed=self.seed,
+            augment=self.augment and train,
+            codec_name=self.codec_name,
+            codec_params=self.codec_params,
+            grad_codec_name=self.grad_codec_name,
+            grad_codec_params=self.grad_codec_params,
+            error_every=self.error_every,
+        )
+
     @property
     def history(self) -> pd.DataFrame:
         """Per-round metrics so far (one row per round, columns HISTORY_COLUMNS and more)."""
-        return pd.DataFrame(
-            self.rows, columns=list(dict.fromkeys([*HISTORY_COLUMNS, *self._extra_columns()]))
-        )
-
-    def _extra_columns(self) -> list[str]:
-        return [k for row in self.rows for k in row if k not in HISTORY_COLUMNS]
+        extra = [k for row in self.rows for k in row if k not in HISTORY_COLUMNS]
+        return pd.DataFrame(self.rows, columns=list(dict.fromkeys([*HISTORY_COLUMNS, *extra])))
 
     def summary(self) -> None:
         """Log the configuration."""
         super().summary()
         log.info(
-            "\t└──> Split: codec %s %s | lr %s (%s) | batch %d | steps/round %s",
+            "\t└──> Split: codec %s %s | grad codec %s %s | lr %s (%s) | batch %d | "
+            "steps/round %s | steps/message %d | device %s",
             self.codec_name,
             self.codec_params,
+            self.grad_codec_name,
+            self.grad_codec_params,
             self.base_lr,
             self.lr_schedule,
             self.batch_size,
             self.steps_per_round or "one epoch",
+            self.steps_per_message,
+            self.device,
         )
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -303,6 +322,7 @@ class MSSplitStrategy(FedAvg):
         max_examples: int | None = None,
     ) -> Callable[[int, ArrayRecord], MetricRecord]:
         """An ``evaluate_fn`` for :meth:`start`: global client weights + this server model."""
+        client_model.to(self.device)
 
         def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             client_model.load_state_dict(P.record_to_state(arrays))
@@ -328,22 +348,35 @@ class MSSplitStrategy(FedAvg):
         train_config: ConfigRecord | None = None,
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        resume: RunState | None = None,
     ) -> SplitResult:
-        """Run ``num_rounds`` SplitFed rounds; ``timeout`` bounds each step's wait for replies."""
+        """Run ``num_rounds`` SplitFed rounds (the rounds after ``resume.server_round``, if given).
+
+        ``timeout`` is the ceiling of each step's wait for replies (the wait adapts to the
+        observed reply times below it); ``train_config`` / ``evaluate_config`` entries reach
+        the clients in every training / evaluation message. ``resume`` (a checkpoint's
+        :class:`~flwr_splitms.checkpoint.RunState`) restores the server model, its optimizer,
+        the history, the clients' data cursors and the sampling RNG, and replaces
+        ``initial_arrays`` with the saved global weights.
+        """
         log.info("Starting %s: %d rounds", type(self).__name__, num_rounds)
         self.summary()
+        self.wait.ceiling = timeout
         result = SplitResult()
+        first_round = 1
+        if resume is not None:
+            initial_arrays = self.restore(resume)
+            first_round = resume.server_round + 1
+            log.info("Resuming after round %d", resume.server_round)
         result.arrays = initial_arrays
-        if evaluate_fn is not None:
+        if evaluate_fn is not None and resume is None:
             initial = evaluate_fn(0, initial_arrays)
             if initial is not None:
                 result.evaluate_metrics_serverapp[0] = initial
-                log.info("Initial evaluation: %s", _fmt(initial))
         arrays = initial_arrays
-        for server_round in range(1, num_rounds + 1):
-            started = time.perf_counter()
+        for server_round in range(first_round, num_rounds + 1):
             new_arrays, row, train_metrics = self.train_round(
-                grid, server_round, num_rounds, arrays, timeout
+                grid, server_round, num_rounds, arrays, timeout, train_config
             )
             if new_arrays is not None:
                 arrays = result.arrays = new_arrays
@@ -364,25 +397,51 @@ class MSSplitStrategy(FedAvg):
                         test_accuracy=_scalar(central, "accuracy"),
                         test_top5=_scalar(central, "top5"),
                     )
-            row["round_seconds"] = time.perf_counter() - started
             self.rows.append(row)
-            log.info(
-                "[ROUND %d/%d] train loss %.4f | test acc %s | uplink %s (raw %s) | %d clients, "
-                "%d steps, %.1fs",
-                server_round,
-                num_rounds,
-                row.get("train_loss", math.nan),
-                _pct(row.get("test_accuracy", math.nan)),
-                _mb(row.get("uplink_bytes", 0)),
-                _mb(row.get("uplink_raw_bytes", 0)),
-                int(row.get("num_clients", 0)),
-                int(row.get("steps", 0)),
-                row["round_seconds"],
-            )
+            log_round(row, num_rounds)
             for callback in self.round_callbacks:
                 callback(server_round, arrays, row)
         result.history = self.history
         return result
+
+    def run_state(self, server_round: int, arrays: ArrayRecord) -> RunState:
+        """Everything needed to continue after ``server_round`` (a checkpoint)."""
+        return RunState(
+            server_round=server_round,
+            client_weights=P.record_to_state(arrays),
+            server_weights={
+                k: v.detach().cpu().clone() for k, v in self.server_model.state_dict().items()
+            },
+            server_optimizer=self.optimizer.state_dict(),
+            history=[dict(row) for row in self.rows],
+            cursors=dict(self.cursors),
+            sampler_state=random.getstate(),
+        )
+
+    def restore(self, state: RunState) -> ArrayRecord:
+        """Adopt a saved run state; returns the global client weights to continue from."""
+        self.server_model.load_state_dict(state.server_weights)
+        self.optimizer.load_state_dict(state.server_optimizer)
+        self.rows = [dict(row) for row in state.history]
+        self.cursors = dict(state.cursors)
+        if state.sampler_state is not None:
+            random.setstate(state.sampler_state)
+        return P.state_to_record(state.client_weights)
+
+    def _config(
+        self, settings: StepSettings, extra: ConfigRecord | None, **entries: int
+    ) -> ConfigRecord:
+        config = P.settings_to_config(settings)
+        for key, value in (extra or {}).items():
+            if key in P.PROTOCOL_KEYS:
+                raise ValueError(
+                    f"train_config/evaluate_config key {key!r} is reserved by the split "
+                    f"protocol; rename it (reserved: {', '.join(P.PROTOCOL_KEYS)})"
+                )
+            config[key] = value
+        for key, value in entries.items():
+            config[key] = value
+        return config
 
     def train_round(
         self,
@@ -391,82 +450,66 @@ class MSSplitStrategy(FedAvg):
         num_rounds: int,
         arrays: ArrayRecord,
         timeout: float,
+        train_config: ConfigRecord | None = None,
     ) -> tuple[ArrayRecord | None, dict[str, float], MetricRecord | None]:
-        """One round: begin, per-step exchange, end and FedAvg. Failed nodes are dropped."""
+        """One round: begin, the per-block exchange, end and FedAvg. Failed nodes are dropped."""
         lr = lr_at_round(self.base_lr, self.lr_schedule, server_round, num_rounds)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        settings = StepSettings(
-            server_round=server_round,
-            lr=lr,
-            momentum=self.momentum,
-            weight_decay=self.weight_decay,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            augment=self.augment,
-            codec_name=self.codec_name,
-            codec_params=self.codec_params,
-        )
-        config = settings.to_config()
-        row: dict[str, float] = {"round": server_round, "lr": lr}
-        totals = dict.fromkeys(
-            (
-                "uplink_bytes",
-                "uplink_raw_bytes",
-                "downlink_bytes",
-                "client_seconds",
-                "server_seconds",
-                "message_seconds",
-            ),
-            0.0,
-        )
+        self.server.set_lr(lr)
+        settings = self.settings(server_round, lr)
+        link = link_for(settings)
+        acc = RoundAccumulator(server_round, lr)
         node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes)
-        begin = RecordDict({P.ARRAYS: arrays, P.CONFIG: config})
-        wall = time.perf_counter()
-        replies = self._exchange(
-            grid, _broadcast(begin, node_ids, P.SPLIT_BEGIN, server_round), timeout
+        acc.num_clients = len(node_ids)
+        first = first_block(self.steps_per_round, self.steps_per_message)
+        begin = RecordDict(
+            {
+                self.arrayrecord_key: arrays,
+                self.configrecord_key: self._config(
+                    settings,
+                    train_config,
+                    **{P.STEP: 0, P.NUM_BATCHES: first, P.CURSORS: P.cursor_table(self.cursors)},
+                ),
+            }
         )
-        totals["message_seconds"] += time.perf_counter() - wall
+        replies = self._exchange(
+            grid, _broadcast(begin, node_ids, P.SPLIT_BEGIN, server_round), timeout, acc
+        )
         if not replies:
             log.warning(
                 "Round %d: no client answered %s; round skipped", server_round, P.SPLIT_BEGIN
             )
-            row.update(totals, steps=0, num_clients=0)
-            return None, row, None
+            acc.num_clients = 0
+            return None, acc.row(), None
         steps = self.steps_per_round or min(
             int(_metric(r, P.NUM_EXAMPLES, 0)) // self.batch_size for r in replies.values()
         )
-        steps = max(steps, 1)
-        losses, errors = [], []
-        progress = StepProgress(f"Round {server_round}", steps)
-        for step in range(1, steps + 1):
-            order = _by_client_id(replies)
-            activations, labels = [], []
-            for node in order:
-                blob, y = P.read_smashed(replies[node].content)
-                totals["uplink_bytes"] += len(blob)
-                totals["uplink_raw_bytes"] += _metric(replies[node], "raw-bytes", 0.0)
-                errors.append(_metric(replies[node], "compression-error"))
-                activations.append(decode_bytes(blob))
-                labels.append(y)
-            totals["client_seconds"] += max(
-                _metric(replies[n], P.CLIENT_SECONDS, 0.0) for n in order
-            )
+        blocks = plan_blocks(max(steps, 1), self.steps_per_message, first)
+        progress = StepProgress(f"Round {server_round}", sum(blocks))
+        step = 0
+        for index, count in enumerate(blocks):
+            uploads = self._uploads(replies, acc)
             tic = time.perf_counter()
-            outcome = server_step(self.server_model, self.optimizer, activations, labels)
-            totals["server_seconds"] += time.perf_counter() - tic
-            losses.append(outcome.loss)
-            progress.update(step, outcome.loss)
-            last = step == steps
-            step_config = ConfigRecord({**dict(config), P.STEP: step})
+            block = self.server.run_block(link, settings, uploads, step, count)
+            acc.server_seconds += time.perf_counter() - tic
+            for node, reason in block.dropped.items():
+                log.warning(
+                    "Node %d sent an unusable upload (%s); dropped from the round", node, reason
+                )
+            acc.losses.extend(block.losses)
+            step += count
+            if block.losses:
+                progress.update(step, block.losses[-1])
+            last = index == len(blocks) - 1
+            config = self._config(
+                settings,
+                train_config,
+                **{P.STEP: step, P.NUM_BATCHES: 0 if last else blocks[index + 1]},
+            )
             messages = {}
-            for node, gradient in zip(order, outcome.gradients, strict=True):
-                totals["downlink_bytes"] += gradient.numel() * gradient.element_size()
+            for node, blobs in block.gradients.items():
+                acc.downlink(sum(len(b) for b in blobs))
                 content = RecordDict(
-                    {
-                        P.CONFIG: step_config,
-                        P.GRADIENT: ArrayRecord({"gradient": P.tensor_array(gradient)}),
-                    }
+                    {self.configrecord_key: config, P.GRADIENT: P.gradient_record(blobs)}
                 )
                 messages[node] = Message(
                     content,
@@ -474,30 +517,40 @@ class MSSplitStrategy(FedAvg):
                     message_type=P.SPLIT_END if last else P.SPLIT_STEP,
                     group_id=str(server_round),
                 )
-            wall = time.perf_counter()
-            replies = self._exchange(grid, messages, timeout)
-            elapsed = time.perf_counter() - wall
-            if not last:
-                elapsed -= max(
-                    (_metric(r, P.CLIENT_SECONDS, 0.0) for r in replies.values()),
-                    default=0.0,
-                )
-            totals["message_seconds"] += max(elapsed, 0.0)
+            replies = self._exchange(grid, messages, timeout, acc) if messages else {}
             if not replies:
                 log.warning("Round %d: every client dropped out at step %d", server_round, step)
                 break
-        row.update(totals)
-        row.update(
-            train_loss=float(np.mean(losses)) if losses else math.nan,
-            compression_error=float(np.nanmean(errors)) if errors else math.nan,
-            steps=len(losses),
-            num_clients=len(node_ids),
-        )
-        if not replies or len(losses) < steps:
+        row = acc.row()
+        if not replies or len(acc.losses) < sum(blocks):
             return None, row, None
         ordered = [replies[n] for n in _by_client_id(replies)]
+        for reply in ordered:
+            cursor = P.read_cursor(reply.content.metric_records.get(P.METRICS, MetricRecord()))
+            if cursor is not None:
+                self.cursors[int(_metric(reply, P.CLIENT_ID))] = cursor
         new_arrays, train_metrics = self.aggregate_train(server_round, ordered)
         return new_arrays, row, train_metrics
+
+    def _uploads(
+        self, replies: Mapping[int, Message], acc: RoundAccumulator
+    ) -> dict[int, ClientUpload]:
+        """The clients' uploads, with their costs counted; unreadable replies are dropped."""
+        uploads = {}
+        for node, reply in replies.items():
+            try:
+                upload = P.read_smashed(reply.content, int(_metric(reply, P.CLIENT_ID, node)))
+            except ValueError as err:
+                log.warning(
+                    "Node %d sent an unreadable reply (%s); dropped from the round", node, err
+                )
+                continue
+            acc.uplink(sum(len(b) for b in upload.blobs), upload.raw_nbytes, upload.errors)
+            uploads[node] = upload
+        acc.client_seconds += max(
+            (_metric(replies[n], P.CLIENT_SECONDS, 0.0) for n in uploads), default=0.0
+        )
+        return uploads
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -506,12 +559,14 @@ class MSSplitStrategy(FedAvg):
         replies = list(replies)
         arrays, metrics = super().aggregate_train(server_round, replies)
         reference = next(
-            (r.content.array_records[P.ARRAYS] for r in replies if not r.has_error()), None
+            (next(iter(r.content.array_records.values())) for r in replies if not r.has_error()),
+            None,
         )
         if arrays is not None and reference is not None:
             arrays = cast_like(arrays, reference)
-        if metrics is not None and P.CLIENT_ID in metrics:
-            del metrics[P.CLIENT_ID]
+        for key in P.CLIENT_ONLY_METRICS:
+            if metrics is not None and key in metrics:
+                del metrics[key]
         return arrays, metrics
 
     def federated_evaluate(
@@ -522,63 +577,72 @@ class MSSplitStrategy(FedAvg):
         timeout: float,
         evaluate_config: ConfigRecord | None = None,
     ) -> MetricRecord | None:
-        """Clients send compressed activations of their local test splits; the server scores."""
+        """Clients send compressed activations of their local test splits; the server scores.
+
+        Per-client scores are aggregated with ``evaluate_metrics_aggr_fn`` (weighted by
+        ``num-examples``).
+        """
         if self.fraction_evaluate == 0.0:
             return None
         node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
-        settings = StepSettings(  # inference: no optimizer settings, no augmentation
-            server_round=server_round,
-            lr=0.0,
-            momentum=0.0,
-            weight_decay=0.0,
-            batch_size=self.eval_batch_size,
-            seed=self.seed,
-            augment=False,
-            codec_name=self.codec_name,
-            codec_params=self.codec_params,
-        )
-        config = settings.to_config()
-        config["max-examples"] = self.eval_max_examples
-        for key, value in (evaluate_config or {}).items():
-            config[key] = value
-        content = RecordDict({P.ARRAYS: arrays, P.CONFIG: config})
+        settings = self.settings(server_round, 0.0, train=False)
+        config = self._config(settings, evaluate_config, **{P.MAX_EXAMPLES: self.eval_max_examples})
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         replies = self._exchange(
             grid, _broadcast(content, node_ids, P.SPLIT_EVALUATE, server_round), timeout
         )
-        loss, top1, top5, count = 0.0, 0, 0, 0
-        self.server_model.eval()
-        with torch.no_grad():
-            for reply in replies.values():
-                record = reply.content.array_records[P.SMASHED]
-                for key in record:
-                    if not key.startswith("activations."):
-                        continue
-                    index = key.split(".", 1)[1]
-                    x = decode_bytes(P.payload_bytes(record[key])).to(self.device).float()
-                    y = P.array_tensor(record[f"labels.{index}"]).long().to(self.device)
-                    batch = score(self.server_model(x), y)
-                    loss, top1, top5, count = (
-                        loss + batch[0],
-                        top1 + batch[1],
-                        top5 + batch[2],
-                        count + len(y),
-                    )
-        if count == 0:
+        link = link_for(settings)
+        scored = []
+        for node, reply in replies.items():
+            try:
+                upload = P.read_smashed(reply.content)
+                scores = self.server.score_uploads(link, [upload])
+            except ValueError as err:
+                log.warning("Node %d sent an unusable evaluation reply (%s); ignored", node, err)
+                continue
+            if scores["num-examples"]:
+                scored.append(RecordDict({P.METRICS: MetricRecord(scores)}))  # type: ignore[arg-type]
+        if not scored:
             return None
-        return MetricRecord(summarize(loss, top1, top5, count))  # type: ignore[arg-type]
+        return self.evaluate_metrics_aggr_fn(scored, self.weighted_by_key)
 
     # -- messaging ----------------------------------------------------------------------------
     def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
         """Sample nodes as FedAvg does: a fraction of those connected, at least ``minimum``."""
+        self._wait_for_nodes(grid)
         num_nodes = int(len(list(grid.get_node_ids())) * fraction)
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, minimum))
         return sorted(node_ids)
 
+    def _wait_for_nodes(self, grid: Grid) -> None:
+        """Wait up to ``node_wait`` seconds for ``min_available_nodes``; then stop clearly."""
+        deadline = time.monotonic() + self.node_wait
+        connected = len(list(grid.get_node_ids()))
+        while connected < self.min_available_nodes:
+            if time.monotonic() >= deadline:
+                raise NotEnoughNodesError(
+                    f"{connected} node(s) connected after waiting {self.node_wait:g}s, the run "
+                    f"needs {self.min_available_nodes} (min-nodes): start more SuperNodes, or "
+                    f'in simulation run with --federation-config "num-supernodes=N", or lower '
+                    f"min-nodes"
+                )
+            time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+            connected = len(list(grid.get_node_ids()))
+
     def _exchange(
-        self, grid: Grid, messages: Mapping[int, Message], timeout: float
+        self,
+        grid: Grid,
+        messages: Mapping[int, Message],
+        timeout: float,
+        acc: RoundAccumulator | None = None,
     ) -> dict[int, Message]:
-        """Push one message per node, poll for the replies; drop nodes that fail or time out."""
+        """Push one message per node, poll for the replies; drop nodes that fail or time out.
+
+        The wait adapts to the observed reply times (see :class:`AdaptiveWait`); ``timeout``
+        is its ceiling.
+        """
         nodes = list(messages)
+        pushed = time.monotonic()
         ids = list(grid.push_messages([messages[n] for n in nodes]))
         ids += [""] * (len(nodes) - len(ids))  # the grid returns one id per message, in order
         waiting = {mid: node for node, mid in zip(nodes, ids, strict=True) if mid}
@@ -586,7 +650,9 @@ class MSSplitStrategy(FedAvg):
             if not mid:
                 log.warning("Node %d: message could not be pushed; dropped from the round", node)
         replies: dict[int, Message] = {}
-        deadline = time.monotonic() + timeout
+        failures: dict[int, str] = {}
+        budget = min(timeout, self.wait.budget())
+        deadline = pushed + budget
         pause = self.poll_interval
         while waiting and time.monotonic() < deadline:
             got = list(grid.pull_messages(list(waiting)))
@@ -594,10 +660,9 @@ class MSSplitStrategy(FedAvg):
                 if reply.metadata.reply_to_message_id not in waiting:
                     continue
                 node = waiting.pop(reply.metadata.reply_to_message_id)
+                self.wait.observe(time.monotonic() - pushed)
                 if reply.has_error():
-                    log.warning(
-                        "Node %d failed (%s); dropped from the round", node, reply.error.reason
-                    )
+                    failures[node] = str(reply.error.reason)
                 else:
                     replies[node] = reply
             if waiting and not got:
@@ -605,11 +670,37 @@ class MSSplitStrategy(FedAvg):
                 pause = min(pause * 1.5, 0.1)
             elif got:
                 pause = self.poll_interval
+        _report_failures(failures, replies, len(nodes))
         for node in waiting.values():
-            log.warning(
-                "Node %d did not answer within %.0fs; dropped from the round", node, timeout
+            log.warning("Node %d did not answer within %.1fs; dropped from the round", node, budget)
+        if acc is not None:
+            elapsed = time.monotonic() - pushed
+            compute = max(
+                (_metric(r, P.CLIENT_SECONDS, 0.0) for r in replies.values()), default=0.0
             )
+            acc.message_seconds += max(elapsed - compute, 0.0)
         return replies
+
+
+def _report_failures(failures: Mapping[int, str], replies: Mapping[int, Message], sent: int) -> None:
+    """One warning per kind of failure; stop the run when every node failed the same way."""
+    if not failures:
+        return
+    kinds: dict[str, list[int]] = {}
+    for node in sorted(failures):
+        kinds.setdefault(P.failure_kind(failures[node]), []).append(node)
+    if not replies and len(failures) == sent and len(kinds) == 1:
+        raise ClientsFailedError(
+            f"all {sent} clients failed the same way, so the run stops: "
+            f"{failures[min(failures)]}"
+        )
+    for nodes in kinds.values():
+        log.warning(
+            "Node%s %s failed (%s); dropped from the round",
+            "s" if len(nodes) > 1 else "",
+            ", ".join(map(str, nodes)),
+            failures[nodes[0]],
+        )
 
 
 def _broadcast(
@@ -624,10 +715,6 @@ def _broadcast(
     }
 
 
-def _metrics(reply: Message) -> MetricRecord:
-    return reply.content.metric_records[P.METRICS]
-
-
 def _scalar(record: Mapping[str, Any], key: str, default: float = math.nan) -> float:
     """A scalar entry of a MetricRecord (``default`` when absent or not a number)."""
     value = record.get(key, default)
@@ -636,23 +723,10 @@ def _scalar(record: Mapping[str, Any], key: str, default: float = math.nan) -> f
 
 def _metric(reply: Message, key: str, default: float = math.nan) -> float:
     """A scalar metric of a client's reply."""
-    return _scalar(_metrics(reply), key, default)
+    metrics = reply.content.metric_records.get(P.METRICS, MetricRecord())
+    return _scalar(metrics, key, default)
 
 
 def _by_client_id(replies: Mapping[int, Message]) -> list[int]:
     """Node ids ordered by the clients' partition ids (the local engine's order)."""
     return sorted(replies, key=lambda node: _metric(replies[node], P.CLIENT_ID))
-
-
-def _fmt(record: Mapping[str, Any]) -> str:
-    return ", ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-    )
-
-
-def _pct(value: float) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f}%"
-
-
-def _mb(nbytes: float) -> str:
-    return f"{nbytes / 1e6:.2f} MB"

@@ -9,7 +9,8 @@ does accept::
         --run-config "$(python scripts/merge_presets.py strategies/sp.toml strategies/deep.toml)"
 
 or writes one TOML file with ``-o merged.toml`` (then ``--run-config merged.toml``). Extra
-``key=value`` arguments are merged last (``num-server-rounds=50``).
+``key=value`` arguments are merged last (``num-server-rounds=50``, ``codec=sp``: strings may be
+left unquoted here; the output quotes them as Flower needs).
 """
 
 from __future__ import annotations
@@ -21,16 +22,29 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from flwr_splitms.config.overrides import parse_pairs
+
 
 def merge(items: list[str]) -> dict[str, Any]:
-    """Merge preset files and ``key=value`` overrides, in order (later wins)."""
+    """Merge preset files and ``key=value`` overrides, in order (later wins).
+
+    An override's value is read as TOML (``codec="ms"``, ``batch-size=32``); an unquoted word is
+    taken as a string (``codec=ms``), since the output quotes it for Flower anyway.
+    """
     merged: dict[str, Any] = {}
     for item in items:
         if item.endswith(".toml"):
-            with Path(item).open("rb") as handle:
-                data = tomllib.load(handle)
+            try:
+                with Path(item).open("rb") as handle:
+                    data = tomllib.load(handle)
+            except OSError as e:
+                raise SystemExit(f"{item}: cannot read the preset ({e.strerror})") from None
+            except tomllib.TOMLDecodeError as e:
+                raise SystemExit(f"{item}: not valid TOML ({e})") from None
         elif "=" in item:
-            data = tomllib.loads(item)
+            data, problems = parse_pairs([item], bare_strings=True)
+            if problems:
+                raise SystemExit("\n".join(problems))
         else:
             raise SystemExit(f"not a .toml preset or key=value pair: {item!r}")
         for key, value in data.items():

@@ -37,6 +37,8 @@ class InProcessGrid(Grid):
         self.silent_after: dict[int, int] = {}  # node -> number of messages before it goes silent
         self.seen: dict[int, int] = dict.fromkeys(self.contexts, 0)
         self.message_types: list[str] = []
+        self.configs: list[dict] = []  # the config record of every message sent, in order
+        self.tamper = None  # optional callable(node, reply) -> reply, to fake a hostile client
 
     # -- the Grid interface used by the strategy ---------------------------------------------
     def set_run(self, run) -> None:  # type: ignore[no-untyped-def]
@@ -61,6 +63,7 @@ class InProcessGrid(Grid):
             msg.metadata.__dict__["_message_id"] = msg_id
             node = msg.metadata.dst_node_id
             self.message_types.append(msg.metadata.message_type)
+            self.configs.append(dict(next(iter(msg.content.config_records.values()), {})))
             count = self.seen[node]
             self.seen[node] += 1
             ids.append(msg_id)
@@ -73,6 +76,8 @@ class InProcessGrid(Grid):
                     reply = self.app(msg, self.contexts[node])
                 except Exception as err:
                     reply = Message(Error(code=0, reason=repr(err)), reply_to=msg)
+                if self.tamper is not None and not reply.has_error():
+                    reply = self.tamper(node, reply)
             self.replies[msg_id] = reply
         return ids
 

@@ -85,8 +85,8 @@ def test_augment_is_crop_of_zero_padded_image_plus_flip() -> None:
     assert 0 < flips < 16
 
 
-def test_augment_deterministic_in_the_generator() -> None:
-    ds = load_dataset("synthetic", size=64)
+def test_augment_deterministic_in_the_generator(tmp_path: Path) -> None:
+    ds = load_dataset("synthetic", tmp_path, size=64)
     idx = torch.arange(0, 64, 3)
 
     def run(seed: int) -> torch.Tensor:
@@ -137,16 +137,16 @@ def test_dataset_validates_tensors() -> None:
 # -------------------------------------------------------------------------------- synthetic
 
 
-def test_synthetic_shape_defaults_and_balance() -> None:
-    train = load_dataset("synthetic")
-    test = load_dataset("synthetic", train=False)
+def test_synthetic_shape_defaults_and_balance(tmp_path: Path) -> None:
+    train = load_dataset("synthetic", tmp_path)
+    test = load_dataset("synthetic", tmp_path, train=False)
     assert isinstance(train, ImageTensorDataset)
     assert train.images.shape == (5000, 3, 32, 32) and train.images.dtype == torch.uint8
     assert len(test) == 1000 and train.num_classes == test.num_classes == 10
     assert torch.bincount(train.labels).tolist() == [500] * 10
-    small = load_dataset("synthetic", num_classes=7, size=70)
+    small = load_dataset("synthetic", tmp_path, num_classes=7, size=70)
     assert small.num_classes == 7 and torch.bincount(small.labels).tolist() == [10] * 7
-    assert load_dataset("synthetic") is train  # cached per process
+    assert load_dataset("synthetic", tmp_path) is train  # cached per process
 
 
 def _in_memory(ds: object) -> ImageTensorDataset:
@@ -154,23 +154,23 @@ def _in_memory(ds: object) -> ImageTensorDataset:
     return ds
 
 
-def test_synthetic_deterministic_in_seed() -> None:
-    a = _in_memory(load_dataset("synthetic", size=200, seed=1))
+def test_synthetic_deterministic_in_seed(tmp_path: Path) -> None:
+    a = _in_memory(load_dataset("synthetic", tmp_path, size=200, seed=1, disk_cache=False))
     data.clear_cache()
-    b = _in_memory(load_dataset("synthetic", size=200, seed=1))
+    b = _in_memory(load_dataset("synthetic", tmp_path, size=200, seed=1, disk_cache=False))
     assert a is not b
     assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
-    c = _in_memory(load_dataset("synthetic", size=200, seed=2))
+    c = _in_memory(load_dataset("synthetic", tmp_path, size=200, seed=2))
     assert not torch.equal(a.images, c.images)
-    test = _in_memory(load_dataset("synthetic", size=200, seed=1, train=False))
+    test = _in_memory(load_dataset("synthetic", tmp_path, size=200, seed=1, train=False))
     assert not torch.equal(a.images, test.images)  # different samples, same classes
     assert 0.3 < a.images.float().mean().item() / 255 < 0.7  # not saturated
 
 
-def test_synthetic_is_learnable() -> None:
+def test_synthetic_is_learnable(tmp_path: Path) -> None:
     """A tiny CNN beats chance (10%) by a wide margin in a few hundred SGD steps."""
-    train = load_dataset("synthetic", size=4000)
-    test = load_dataset("synthetic", size=500, train=False)
+    train = load_dataset("synthetic", tmp_path, size=4000)
+    test = load_dataset("synthetic", tmp_path, size=500, train=False)
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
@@ -263,20 +263,40 @@ def test_partition_rejects_non_label_arrays() -> None:
         partition(np.linspace(0, 1, 4), 2)
 
 
-def test_load_partition_splits_and_caches() -> None:
-    kwargs = {"size": 300, "num_classes": 5, "seed": 2}
+def _global(split: DataSplit) -> torch.Tensor:
+    assert split.dataset_indices is not None
+    return split.dataset_indices
+
+
+def test_load_partition_splits_and_caches(tmp_path: Path) -> None:
+    kwargs = {"size": 300, "num_classes": 5, "seed": 2, "root": tmp_path}
     splits = [load_partition("synthetic", i, 3, **kwargs) for i in range(3)]  # type: ignore[arg-type]
     assert all(test is None for _, test in splits)
-    _check_cover([s.indices.numpy() for s, _ in splits], 300)
-    dataset = splits[0][0].dataset
-    assert all(s.dataset is dataset for s, _ in splits)  # one dataset per process
-    assert dataset is load_dataset("synthetic", **kwargs)  # type: ignore[arg-type]
+    _check_cover([_global(s).numpy() for s, _ in splits], 300)
+    full = load_dataset("synthetic", **kwargs)  # type: ignore[arg-type]
+    for split, _ in splits:  # a partition's own dataset serves the full set's very batches
+        assert len(split.dataset) == len(split) and torch.equal(
+            split.indices, torch.arange(len(split))
+        )
+        assert torch.equal(split.labels, full.labels[_global(split)])
+        pos = torch.tensor([3, 0, 7])
+        for seed in (None, 5):
+            gen = [None if seed is None else torch.Generator().manual_seed(seed) for _ in "ab"]
+            x, y = split.batch(pos, augment=seed is not None, generator=gen[0])
+            ref_x, ref_y = full.batch(
+                _global(split)[pos], augment=seed is not None, generator=gen[1]
+            )
+            assert torch.equal(x, ref_x) and torch.equal(y, ref_y)
+    again = load_partition("synthetic", 0, 3, **kwargs)[0]  # type: ignore[arg-type]
+    assert again.dataset is splits[0][0].dataset  # cached per process
 
     train, test = load_partition("synthetic", 1, 3, test_fraction=0.2, **kwargs)  # type: ignore[arg-type]
     assert test is not None and len(test) == 20 and len(train) == 80
-    own = splits[1][0].indices
-    joined = torch.cat([train.indices, test.indices]).sort().values
+    assert train.dataset is test.dataset is splits[1][0].dataset
+    own = _global(splits[1][0])
+    joined = torch.cat([_global(train), _global(test)]).sort().values
     assert torch.equal(joined, own)
+    assert torch.equal(_global(test), own[test.indices])
     again_train, again_test = load_partition("synthetic", 1, 3, test_fraction=0.2, **kwargs)  # type: ignore[arg-type]
     assert again_test is not None
     assert torch.equal(again_train.indices, train.indices)
@@ -294,7 +314,7 @@ def test_load_partition_splits_and_caches() -> None:
         ((-1, 3), {}, r"0\.\.2"),
         ((0, 0), {}, "positive int"),
         ((0, 2), {"test_fraction": 1.0}, "test_fraction"),
-        ((0, 2), {"name": "mnist"}, "cifar10, cifar100, synthetic, imagenet"),
+        ((0, 2), {"name": "svhn"}, "cifar10, cifar100, mnist, fashion-mnist, synthetic, imagenet"),
     ],
 )
 def test_load_partition_bad_arguments(
@@ -327,7 +347,7 @@ def _assert_one_clear_line(message: str, root: Path) -> None:
     assert 'dataset="synthetic"' in message
 
 
-@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "mnist", "fashion-mnist"])
 def test_missing_dataset_without_download(name: str, tmp_path: Path) -> None:
     with pytest.raises(DatasetUnavailableError) as info:
         load_dataset(name, root=tmp_path, download=False)
@@ -400,6 +420,49 @@ def test_cifar_from_disk(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert len(subset) == 20 and load_dataset(name, root=tmp_path, size=20, seed=1) is subset
     with pytest.raises(ValueError, match="size=60 exceeds"):
         load_dataset(name, root=tmp_path, size=60)
+
+
+def write_fake_digits(root: Path, name: str, n_train: int, n_test: int) -> None:
+    """Write the four raw idx files torchvision's MNIST/FashionMNIST read (no download)."""
+    folder = root / ("MNIST" if name == "mnist" else "FashionMNIST") / "raw"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for prefix, count in (("train", n_train), ("t10k", n_test)):
+        pixels = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, count, dtype=np.uint8)
+        header = (0x0803).to_bytes(4, "big") + b"".join(
+            d.to_bytes(4, "big") for d in (count, 28, 28)
+        )
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(header + pixels.tobytes())
+        header = (0x0801).to_bytes(4, "big") + count.to_bytes(4, "big")
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(header + labels.tobytes())
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_digits_from_disk(name: str, tmp_path: Path) -> None:
+    write_fake_digits(tmp_path, name, n_train=12, n_test=5)
+    train = _in_memory(load_dataset(name, root=tmp_path))
+    test = _in_memory(load_dataset(name, root=tmp_path, train=False))
+    assert train.images.shape == (12, 3, 32, 32) and len(test) == 5
+    assert train.num_classes == dataset_num_classes(name) == 10
+    raw_cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
+    reference = raw_cls(str(tmp_path), train=True)
+    # 2 px of zero padding around the untouched 28x28 image, the same in all three channels.
+    assert torch.equal(
+        train.images[:, :, 2:30, 2:30], reference.data[:, None].expand(-1, 3, -1, -1)
+    )
+    border = train.images.clone()
+    border[:, :, 2:30, 2:30] = 0
+    assert int(border.abs().sum()) == 0
+    assert train.labels.tolist() == reference.targets.tolist()
+    assert train.flip == (name != "mnist")  # a mirrored digit is another symbol
+    # The statistics are those of the padded images: a typical-looking set normalises near 0/1.
+    mean = train.mean[0] * 255
+    assert (mean < 0.1307 * 255) if name == "mnist" else (mean < 0.2860 * 255)
+    x, _ = train.batch(torch.arange(12), augment=True, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (12, 3, 32, 32) and x.dtype == torch.float32
+    assert load_dataset(name.upper(), root=tmp_path) is train
+    assert len(load_partition(name, 0, 3, root=tmp_path)[0]) == 4
 
 
 def test_imagenet_folder(tmp_path: Path) -> None:

@@ -26,17 +26,38 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], at
         assert torch.allclose(a[key].double(), b[key].double(), atol=atol, rtol=0), key
 
 
-@pytest.mark.parametrize("codec", ["none", "ms", "rt"])
-def test_message_protocol_equals_local_engine(tiny_config: SplitConfig, codec: str) -> None:
-    config = tiny_config.replace(codec=codec)
+def assert_same_run(result, strat, local) -> None:  # type: ignore[no-untyped-def]
+    """Bit for bit: weights of both halves, losses, bytes and errors."""
+    assert_same_state(P.record_to_state(result.arrays), local.client_weights, atol=0)
+    assert_same_state(strat.server_model.state_dict(), local.server_weights, atol=0)
+    for column in ("train_loss", "uplink_bytes", "downlink_bytes", "total_bytes", "steps"):
+        assert result.history[column].tolist() == local.history[column].tolist(), column
+    assert result.history["compression_error"].tolist() == pytest.approx(
+        local.history["compression_error"].tolist(), nan_ok=True
+    )
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"codec": "none"},
+        {"codec": "ms"},
+        {"codec": "rt"},
+        {"codec": "ms", "steps_per_round": 5, "steps_per_message": 2, "error_every": 2},
+        {"codec": "ms", "steps_per_round": 0, "steps_per_message": 3, "synthetic_size": 96},
+        {"codec": "ms", "grad_codec": "fp16"},
+        {"codec": "ms", "grad_codec": "mask"},
+        {"codec": "ms", "grad_codec": "rt", "grad_codec_ratio": 0.9},
+    ],
+    ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()),
+)
+def test_message_protocol_equals_local_engine(tiny_config: SplitConfig, changes: dict) -> None:  # type: ignore[type-arg]
+    config = tiny_config.replace(**changes)
     local = run_local(config, 2, evaluate=False)
     client_net, strat = strategy(config)
     grid = InProcessGrid(client_app(), 2, config.to_run_config())
     result = strat.start(grid, P.state_to_record(client_net.state_dict()), num_rounds=2)
-    assert_same_state(P.record_to_state(result.arrays), local.client_weights, atol=1e-6)
-    assert_same_state(strat.server_model.state_dict(), local.server_weights, atol=1e-6)
-    for column in ("train_loss", "uplink_bytes", "downlink_bytes", "compression_error"):
-        assert result.history[column].tolist() == pytest.approx(local.history[column].tolist())
+    assert_same_run(result, strat, local)
 
 
 def test_flower_simulation_equals_local_engine(tiny_config: SplitConfig) -> None:

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from flwr_splitms.history import (
+    HISTORY_COLUMNS,
     format_multiplier,
     load_history,
     multiplier_table,
@@ -18,6 +19,7 @@ from flwr_splitms.history import (
     summary_table,
     traffic_saving_multiplier,
     traffic_to_accuracy,
+    with_total_bytes,
 )
 
 
@@ -251,3 +253,40 @@ def test_load_then_summarise(tmp_path: Path):
         _write(df, tmp_path / "medium" / name / "history.csv")
     table = summary_table(load_history(tmp_path)).set_index("policy")
     assert table.loc["ms", "traffic_saving_multiplier"] == pytest.approx(3000 / 225)
+
+
+def test_total_bytes_column_is_filled_where_missing(tmp_path: Path):
+    assert "total_bytes" in HISTORY_COLUMNS
+    partial = MS.assign(total_bytes=[575.0, math.nan, 9.0, math.nan])  # an engine wrote two
+    assert list(with_total_bytes(partial)["total_bytes"]) == [575, 575, 9, 575]
+    assert list(with_total_bytes(MS)["total_bytes"]) == [575] * 4
+    assert "total_bytes" not in MS.columns  # the input is not modified
+    path = _write(MS, tmp_path / "ms" / "history.csv")  # an old csv without the column
+    assert list(load_history(path)["total_bytes"]) == [575] * 4
+
+
+def test_traffic_keyword_short_names():
+    # baseline reaches 0.55 in round 3: uplink 3000, downlink 1500, total 4500
+    assert traffic_to_accuracy(BASE, 0.55, traffic="uplink") == 3000
+    assert traffic_to_accuracy(BASE, 0.55, traffic="downlink") == 1500
+    assert traffic_to_accuracy(BASE, 0.55, traffic="total") == 4500
+    assert traffic_to_accuracy(BASE, 0.55) == traffic_to_accuracy(BASE, 0.55, traffic="uplink")
+    # a total_bytes column an engine wrote is used as is
+    odd = BASE.assign(total_bytes=[1.0, 2.0, 3.0, 4.0])
+    assert traffic_to_accuracy(odd, 0.55, traffic="total") == 6
+    # downlink only: MS sends 500 B of gradients per round like the baseline: 1500 / 1500
+    assert traffic_saving_multiplier(BASE, MS, traffic="downlink") == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="uplink, downlink, total"):
+        traffic_to_accuracy(BASE, 0.5, traffic="sideways")
+
+
+def test_summary_and_multiplier_tables_on_total_traffic():
+    table = summary_table(_histories(), traffic="total").set_index("policy")
+    medium = table[table["cut"] == "medium"]
+    # baseline 4500 B to 0.55; MS (75 + 500) * 3 = 1725; QU (100 + 500) * 4 = 2400
+    assert medium.loc["ms", "traffic_to_target"] == 1725
+    assert medium.loc["ms", "traffic_saving_multiplier"] == pytest.approx(4500 / 1725)
+    assert medium.loc["qu", "traffic_saving_multiplier"] == pytest.approx(4500 / 2400)
+    assert multiplier_table(summary_table(_histories(), traffic="total")).loc["medium", "ms"] == (
+        "2.61×"
+    )

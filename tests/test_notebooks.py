@@ -1,8 +1,10 @@
 """The study notebooks run headless at a small size (nbclient), in a temporary working directory.
 
 Parameters are overridden the papermill way: a cell is injected after the cell tagged
-``parameters``. The notebooks in the repository carry no outputs. Executing them takes about
-10-20 s each on an idle 2-core CPU (a kernel start included); they are marked ``slow``.
+``parameters``. The notebooks in the repository carry no outputs. Both drive the study package
+(``flwr_splitms.study``): 02 runs a one-seed grid of every policy, 01 the trained-feature error
+study. Executing them takes about 15-30 s each on an idle 2-core CPU (a kernel start included);
+they are marked ``slow``.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
 nbformat = pytest.importorskip("nbformat")
@@ -18,20 +21,28 @@ nbclient = pytest.importorskip("nbclient")
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 TIMEOUT_S = 600  # per cell
+CODECS = {"qu", "sp", "rt", "ms"}
 
 # Smaller than the notebooks' defaults, to keep the suite fast.
 TEST_PARAMETERS: dict[str, dict[str, Any]] = {
     "01_compression_error.ipynb": {
-        "SYNTHETIC_SIZE": 256,
+        "SYNTHETIC_SIZE": 64,
+        "CUTS": ["shallow", "deep"],
+        "TRAIN_ROUNDS": 1,
         "TRAIN_STEPS": 2,
         "TRAIN_BATCH": 8,
-        "BATCH_SIZE": 8,
+        "BATCH_SIZE": 4,
         "NUM_BATCHES": 1,
-        "MASK_BITS": [2, 4],
+        "QU_BITS": [2, 4],
+        "SP_RATIOS": [0.99, 0.9],
+        "RT_RATIOS": [0.99, 0.9],
+        "MS_RATIOS": [0.99],
+        "MS_BITS": [2, 3],
     },
     "02_splitfed_convergence.ipynb": {
         "SYNTHETIC_SIZE": 64,
         "CUTS": ["deep"],
+        "SEEDS": [0],
         "NUM_CLIENTS": 2,
         "ROUNDS": 2,
         "STEPS_PER_ROUND": 1,
@@ -88,13 +99,13 @@ def test_notebook_is_committed_without_outputs(name: str):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_compression_error_notebook(tmp_path: Path):
-    nb = execute(
-        NOTEBOOKS / "01_compression_error.ipynb",
-        TEST_PARAMETERS["01_compression_error.ipynb"],
-        tmp_path,
-    )
+    values = {**TEST_PARAMETERS["01_compression_error.ipynb"], "OUTPUT_DIR": str(tmp_path / "e")}
+    nb = execute(NOTEBOOKS / "01_compression_error.ipynb", values, tmp_path)
     text = outputs_text(nb)
     assert "notebook ran in" in text
+    assert "At the paper's MS policy" in text and "vs QU: MS" in text
+    errors = pd.read_csv(tmp_path / "e" / "errors.csv")
+    assert set(errors["cut"]) == {"shallow", "deep"} and set(errors["codec"]) == CODECS
     assert not (tmp_path / "docs").exists(), "figures are written only with SAVE_FIGURES"
 
 
@@ -109,9 +120,12 @@ def test_convergence_notebook(tmp_path: Path):
     nb = execute(NOTEBOOKS / "02_splitfed_convergence.ipynb", values, tmp_path)
     from flwr_splitms.history import load_history
 
-    histories = load_history(tmp_path / "runs")  # policy/cut from each run's run.json
-    assert sorted(set(histories["policy"])) == ["ms", "none", "qu", "rt", "sp"]
+    histories = load_history(tmp_path / "runs" / "runs")  # policy/cut from each run.json
+    assert sorted(set(histories["policy"])) == sorted(CODECS | {"none"})
     assert set(histories["cut"]) == {"deep"}
     assert histories.groupby("policy").size().eq(2).all()  # ROUNDS
-    assert "traffic_saving_multiplier" in outputs_text(nb)
+    summary = pd.read_csv(tmp_path / "runs" / "summary.csv")
+    assert list(summary["policy"]) == ["none", "qu", "sp", "rt", "ms"]
+    assert (tmp_path / "runs" / "accuracy_vs_traffic.png").is_file()
+    assert "traffic_saving_multiplier computed" in outputs_text(nb)
     assert not (tmp_path / "docs").exists(), "figures are written only with SAVE_FIGURES"

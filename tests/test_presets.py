@@ -136,6 +136,40 @@ def test_merge_presets_feeds_flwr_run_config():
         parse_config_args([str(PRESETS / "sp.toml"), str(PRESETS / "deep.toml")])
 
 
+def run_merge(*items: str) -> subprocess.CompletedProcess[str]:
+    script = str(ROOT / "scripts" / "merge_presets.py")
+    return subprocess.run(
+        [sys.executable, script, *items], capture_output=True, text=True, check=False
+    )
+
+
+def test_merge_presets_accepts_unquoted_strings_and_explains_bad_values(tmp_path: Path):
+    from flwr.common.config import parse_config_args
+
+    out = run_merge(str(PRESETS / "qu.toml"), "codec=sp cut=deep", 'seed=3 lr-schedule="step"')
+    assert out.returncode == 0, out.stderr
+    merged = parse_config_args([out.stdout.strip()])
+    assert merged == {
+        "codec": "sp",
+        "codec-bits": 3,
+        "cut": "deep",
+        "seed": 3,
+        "lr-schedule": "step",
+    }
+    bad = run_merge("seed=1.2.3", 'codec="ms')
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert "seed=1.2.3: not a TOML value" in bad.stderr
+    assert """--run-config 'seed="1.2.3"'""" in bad.stderr
+    missing = run_merge(str(PRESETS / "no-such-preset.toml"))
+    assert missing.returncode == 1 and "cannot read the preset" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    malformed = tmp_path / "bad.toml"
+    malformed.write_text("codec = ms\n")
+    broken = run_merge(str(malformed))
+    assert broken.returncode == 1 and "bad.toml: not valid TOML" in broken.stderr
+    assert "Traceback" not in broken.stderr
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_preset_runs_one_step(name: str):
     local = pytest.importorskip("flwr_splitms.local")

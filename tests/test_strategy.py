@@ -13,13 +13,8 @@ from flwr_splitms import protocol as P
 from flwr_splitms.config import SplitConfig
 from flwr_splitms.experiment import evaluation_data
 from flwr_splitms.history import HISTORY_COLUMNS
-from flwr_splitms.strategy import (
-    MSSplitStrategy,
-    SplitResult,
-    cast_like,
-    lr_at_round,
-    server_step,
-)
+from flwr_splitms.core import lr_at_round, server_step
+from flwr_splitms.strategy import MSSplitStrategy, SplitResult, cast_like
 
 
 def run(
@@ -87,7 +82,11 @@ def test_rounds_produce_history_and_weights(tiny_config: SplitConfig) -> None:
     assert (history["num_clients"] == 3).all() and (history["steps"] == 2).all()
     raw = 3 * 2 * 4 * 64 * 32 * 32 * 4  # clients x steps x batch x activation bytes
     assert (history["uplink_raw_bytes"] == raw).all()
-    assert (history["downlink_bytes"] == raw).all()
+    # Raw float32 gradients (grad-codec none) plus one payload header per gradient.
+    assert (history["downlink_bytes"] > raw).all() and (
+        history["downlink_bytes"] < 1.01 * raw
+    ).all()
+    assert (history["total_bytes"] == history["uplink_bytes"] + history["downlink_bytes"]).all()
     assert (raw / history["uplink_bytes"] > 12).all()  # MS 0.99/2 bits: ~13.8x fewer bytes
     assert history["test_accuracy"].between(0, 1).all() and history["train_loss"].notna().all()
     assert 0 < history["compression_error"].iloc[0] < 1
@@ -126,11 +125,31 @@ def test_silent_node_times_out_and_is_dropped(
 def test_round_without_any_client_keeps_the_weights(tiny_config: SplitConfig) -> None:
     config = tiny_config.replace(num_server_rounds=1)
     grid = InProcessGrid(client_app(), 2, config.to_run_config())
-    grid.fail_after.update({1000: 0, 1001: 0})
+    grid.silent_after.update({1000: 0, 1001: 0})
     client_net, strat = strategy(config)
     initial = P.state_to_record(client_net.state_dict())
-    result = strat.start(grid, initial, num_rounds=1, timeout=10)
+    result = strat.start(grid, initial, num_rounds=1, timeout=0.5)
     assert result.arrays is initial and result.history["num_clients"].iloc[0] == 0
+
+
+def test_every_client_failing_the_same_way_stops_the_run(
+    tiny_config: SplitConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """batch-size above every partition: one clear error instead of skipped rounds of NaN."""
+    from flwr_splitms.strategy import ClientsFailedError
+
+    config = tiny_config.replace(batch_size=40, num_server_rounds=3)
+    grid = InProcessGrid(client_app(), 2, config.to_run_config())
+    client_net, strat = strategy(config)
+    with (
+        caplog.at_level(logging.ERROR, logger="flwr"),
+        pytest.raises(
+            ClientsFailedError, match="all 2 clients failed the same way.* fewer than batch-size 40"
+        ),
+    ):
+        strat.start(grid, P.state_to_record(client_net.state_dict()), num_rounds=3)
+    assert caplog.text.count("Traceback") <= 1  # one traceback per distinct error, not per client
+    assert grid.message_types == [P.SPLIT_BEGIN, P.SPLIT_BEGIN]
 
 
 def test_federated_evaluation_scores_local_test_splits(tiny_config: SplitConfig) -> None:
@@ -142,3 +161,89 @@ def test_federated_evaluation_scores_local_test_splits(tiny_config: SplitConfig)
     fed = result.evaluate_metrics_clientapp[1]
     assert fed["num-examples"] > 0 and 0 <= fed["accuracy"] <= 1 and math.isfinite(fed["loss"])
     assert "fed_test_accuracy" in result.history.columns
+
+
+def test_keyword_defaults_equal_the_run_config_defaults() -> None:
+    import inspect
+
+    defaults = SplitConfig()
+    for name, parameter in inspect.signature(MSSplitStrategy.__init__).parameters.items():
+        if hasattr(defaults, name) and parameter.default is not inspect.Parameter.empty:
+            assert parameter.default == getattr(defaults, name), name
+
+
+def test_fedavg_options_are_used_or_refused(tiny_config: SplitConfig) -> None:
+    """train_config reaches the clients; renamed record keys and metric aggregation work."""
+    from flwr.app import ConfigRecord, MetricRecord
+
+    with pytest.raises(ValueError, match="weighted_by_key"):
+        MSSplitStrategy(torch.nn.Linear(2, 2), weighted_by_key="n")
+    config = tiny_config.replace(
+        num_server_rounds=1, local_test_fraction=0.25, fraction_evaluate=1.0
+    )
+    calls: list[int] = []
+
+    def aggregate(records, key):  # type: ignore[no-untyped-def]
+        calls.append(len(records))
+        return MetricRecord({"accuracy": 0.5, "loss": 1.0})
+
+    grid = InProcessGrid(client_app(), 2, config.to_run_config())
+    client_net, strat = strategy(
+        config,
+        arrayrecord_key="weights",
+        configrecord_key="settings",
+        evaluate_metrics_aggr_fn=aggregate,
+    )
+    result = strat.start(
+        grid,
+        P.state_to_record(client_net.state_dict()),
+        num_rounds=1,
+        train_config=ConfigRecord({"my-key": 7}),
+    )
+    assert all(
+        c.get("my-key") == 7
+        for c, t in zip(grid.configs, grid.message_types, strict=True)
+        if t.startswith("train")
+    )
+    assert result.train_metrics_clientapp and calls == [2]
+    assert result.evaluate_metrics_clientapp[1]["accuracy"] == 0.5
+    with pytest.raises(ValueError, match="reserved by the split protocol"):
+        strat.start(grid, result.arrays, num_rounds=1, train_config=ConfigRecord({"lr": 1.0}))
+
+
+def test_steps_per_message_groups_steps_into_round_trips(tiny_config: SplitConfig) -> None:
+    config = tiny_config.replace(num_server_rounds=1, steps_per_round=5, steps_per_message=2)
+    grid = InProcessGrid(client_app(), 2, config.to_run_config())
+    result, _ = run(config, grid)
+    kinds = pd.Series(grid.message_types).value_counts()
+    # Blocks of 2, 2, 1 steps: begin, one step message, end per client.
+    assert kinds[P.SPLIT_BEGIN] == kinds[P.SPLIT_STEP] == kinds[P.SPLIT_END] == 2
+    assert result.history["steps"].iloc[0] == 5
+
+
+def test_dead_node_is_dropped_after_seconds_not_the_timeout(
+    tiny_config: SplitConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    import time
+
+    config = tiny_config.replace(num_server_rounds=1, steps_per_round=6)
+    grid = InProcessGrid(client_app(), 2, config.to_run_config())
+    grid.silent_after[1001] = 4  # vanishes mid-round
+    client_net, strat = strategy(config, wait_floor=0.5)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        result = strat.start(
+            grid, P.state_to_record(client_net.state_dict()), num_rounds=1, timeout=600
+        )
+    assert time.monotonic() - started < 60
+    assert "Node 1001 did not answer" in caplog.text
+    assert result.history["steps"].iloc[0] == 6 and result.train_metrics_clientapp
+
+
+def test_too_few_nodes_stop_with_a_clear_error(tiny_config: SplitConfig) -> None:
+    from flwr_splitms.strategy import NotEnoughNodesError
+
+    grid = InProcessGrid(client_app(), 1, tiny_config.to_run_config())
+    client_net, strat = strategy(tiny_config, node_wait=0.2)
+    with pytest.raises(NotEnoughNodesError, match="1 node\\(s\\) connected .* needs 2"):
+        strat.start(grid, P.state_to_record(client_net.state_dict()), num_rounds=1)

@@ -16,7 +16,7 @@ Codecs (``get_codec(name, **params)``):
 The wire format and its header overhead are documented in ``payload``.
 """
 
-from . import identity, ms, quantize, randtopk, topk  # noqa: F401  (register the codecs)
+from . import halfprec, identity, ms, quantize, randtopk, topk  # noqa: F401  (register the codecs)
 from .base import Codec
 from .error import compression_error
 from .payload import Payload, PayloadError, decode_bytes

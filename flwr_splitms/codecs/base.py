@@ -1,13 +1,16 @@
 """The ``Codec`` interface shared by all compression schemes.
 
 ``Codec.encode`` validates the input once (a finite float32/float16/bfloat16 tensor of any
-shape, on any device) and hands a flat CPU view to the codec's ``_encode``; ``Codec.decode``
-checks that the payload belongs to this codec and that its section lengths are exactly what
-the codec requires, before the codec's ``_decode`` touches the data.
+shape, on any device) and hands a flat view, on the tensor's own device, to the codec's
+``_encode``; ``Codec.decode`` checks that the payload belongs to this codec and that its
+section lengths are exactly what the codec requires, before the codec's ``_decode_to`` (or
+``_decode``) touches the data on the requested device. ``Codec.encode_measured`` also returns
+the compression error, which codecs compute from what their encoder already has.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -15,11 +18,13 @@ from typing import ClassVar
 
 import torch
 
-from .dtypes import SUPPORTED_DTYPES
+from . import entropy
+from .dtypes import SUPPORTED_DTYPES, resolve_device
+from .error import compression_error
 from .params import Param
 from .payload import MAX_NDIM, MAX_NUMEL, Payload, PayloadError, shape_within_limits
 
-__all__ = ["Codec", "check_finite"]
+__all__ = ["Codec", "check_finite", "require_finite"]
 
 
 class Codec(ABC):
@@ -35,6 +40,9 @@ class Codec(ABC):
     section_names: ClassVar[tuple[str, ...]]
     flag_mask: ClassVar[int] = 0
     param_struct: ClassVar[struct.Struct]
+    # True when ``_encode`` checks finiteness itself (from a min/max it needs anyway, with
+    # ``require_finite``), so that ``encode`` does not scan the tensor a second time.
+    checks_finite: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -78,9 +86,52 @@ class Codec(ABC):
     ) -> Payload:
         """Compress ``x`` (any shape; float32/float16/bfloat16; any device; finite values).
 
+        The work runs on ``x``'s device; the payload bytes are the same on every device.
         ``generator`` (a CPU ``torch.Generator``) drives the randomness of ``rt``; None uses
         torch's global RNG. ``train=False`` makes ``rt`` plain Top-k. Other codecs ignore both.
         """
+        flat = self._flat_input(x)
+        return self._encode(flat, tuple(x.shape), generator=generator, train=train)
+
+    def encode_measured(
+        self,
+        x: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        train: bool = True,
+    ) -> tuple[Payload, float]:
+        """``encode`` plus the relative error ``||x - decode(payload)|| / ||x||``.
+
+        Same value and edge cases as ``compression_error(x, decode(payload))`` (0.0 for an
+        all-zero ``x``), but computed from what the encoder already has instead of a second
+        full decode. Use it to log the error of every transmitted activation cheaply.
+        """
+        flat = self._flat_input(x)
+        return self._encode_measured(flat, tuple(x.shape), generator=generator, train=train)
+
+    def decode(self, payload: Payload, *, device: torch.device | str | None = None) -> torch.Tensor:
+        """Reconstruct the tensor: same shape and dtype as the encoded one.
+
+        The result is on ``device`` (default: the CPU); the decoding work runs there too.
+        """
+        dev = resolve_device(device)
+        if not isinstance(payload, Payload):
+            raise TypeError(f"decode takes a Payload, not {type(payload).__name__}")
+        if payload.codec != self.name:
+            raise PayloadError(f"payload was encoded by codec {payload.codec!r}, not {self.name!r}")
+        if payload.params != self._params:
+            raise PayloadError(
+                f"payload parameters {payload.params} differ from this codec's {self._params}; "
+                "decode it with decode_bytes or get_codec(payload.codec, **payload.params)"
+            )
+        # entropy stage: check the lengths its frames declare, inflate only after that
+        lengths = entropy.declared_lengths(payload.params, payload.sections)
+        self.check_layout(payload.shape, payload.dtype, payload.flags, lengths)
+        flat = self._decode_to(entropy.decode_payload(payload), dev)
+        return flat.to(payload.dtype).reshape(payload.shape)
+
+    def _flat_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Validate an input tensor; a flat view of it (a copy only if not contiguous)."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"encode takes a torch.Tensor, not {type(x).__name__}")
         if x.dtype not in SUPPORTED_DTYPES:
@@ -96,30 +147,11 @@ class Codec(ABC):
                 f"tensor of shape {tuple(x.shape)} is too large; the limit is {MAX_NUMEL} "
                 "elements (dimensions of size 0 counted as 1)"
             )
-        flat = x.detach().to("cpu").reshape(-1)
-        if flat.numel() and not _all_finite(flat):
-            raise ValueError(
-                f"codec {self.name!r} cannot encode NaN or Inf values (they have no meaningful "
-                "top-k or quantization range); check the model for overflow"
-            )
-        return self._encode(flat, tuple(x.shape), generator=generator, train=train)
-
-    def decode(self, payload: Payload) -> torch.Tensor:
-        """Reconstruct the tensor: same shape and dtype as the encoded one, on the CPU."""
-        if not isinstance(payload, Payload):
-            raise TypeError(f"decode takes a Payload, not {type(payload).__name__}")
-        if payload.codec != self.name:
-            raise PayloadError(f"payload was encoded by codec {payload.codec!r}, not {self.name!r}")
-        if payload.params != self._params:
-            raise PayloadError(
-                f"payload parameters {payload.params} differ from this codec's {self._params}; "
-                "decode it with decode_bytes or get_codec(payload.codec, **payload.params)"
-            )
-        self.check_layout(
-            payload.shape, payload.dtype, payload.flags, [len(s) for s in payload.sections]
-        )
-        flat = self._decode(payload)
-        return flat.to(payload.dtype).reshape(payload.shape)
+        flat = x.detach().reshape(-1)
+        if not self.checks_finite and flat.numel():
+            lo, hi = torch.aminmax(flat)
+            require_finite(self.name, lo, hi)
+        return flat
 
     def check_layout(
         self,
@@ -160,11 +192,34 @@ class Codec(ABC):
         generator: torch.Generator | None,
         train: bool,
     ) -> Payload:
-        """Encode a flat, finite CPU tensor in its own dtype."""
+        """Encode a flat, finite tensor in its own dtype, on its own device.
+
+        Finite unless the codec sets ``checks_finite`` (then it calls ``require_finite``).
+        """
+
+    def _encode_measured(
+        self,
+        flat: torch.Tensor,
+        shape: tuple[int, ...],
+        *,
+        generator: torch.Generator | None,
+        train: bool,
+    ) -> tuple[Payload, float]:
+        """``_encode`` and the compression error; codecs override this with a cheaper way.
+
+        This default decodes the payload again on the input's device.
+        """
+        payload = self._encode(flat, shape, generator=generator, train=train)
+        x_hat = self.decode(payload, device=flat.device)
+        return payload, compression_error(flat.reshape(shape), x_hat)
 
     @abstractmethod
     def _decode(self, payload: Payload) -> torch.Tensor:
-        """Decode a payload whose layout has been checked into a flat tensor of ``numel``."""
+        """Decode a payload whose layout has been checked into a flat CPU tensor of ``numel``."""
+
+    def _decode_to(self, payload: Payload, device: torch.device) -> torch.Tensor:
+        """``_decode`` with the result on ``device``; codecs that decode there override it."""
+        return self._decode(payload).to(device)
 
     def _payload(
         self,
@@ -178,7 +233,7 @@ class Codec(ABC):
             params=dict(self._params),
             shape=shape,
             dtype=dtype,
-            sections=tuple(sections),
+            sections=entropy.encode_sections(self._params, sections),  # entropy stage
             flags=flags,
         )
 
@@ -187,6 +242,20 @@ def _all_finite(t: torch.Tensor) -> bool:
     # min and max propagate NaN and expose +-Inf: one cheap reduction instead of isfinite().all().
     lo, hi = torch.aminmax(t)
     return bool(torch.isfinite(lo) and torch.isfinite(hi))
+
+
+def require_finite(name: str, lo: torch.Tensor, hi: torch.Tensor) -> tuple[float, float]:
+    """ValueError unless the input's min ``lo`` and max ``hi`` are finite; them as floats.
+
+    One host sync for both values (NaN propagates into min and max, so this covers NaN too).
+    """
+    lo_f, hi_f = torch.stack([lo.float(), hi.float()]).tolist()
+    if not (math.isfinite(lo_f) and math.isfinite(hi_f)):
+        raise ValueError(
+            f"codec {name!r} cannot encode NaN or Inf values (they have no meaningful "
+            "top-k or quantization range); check the model for overflow"
+        )
+    return lo_f, hi_f
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:

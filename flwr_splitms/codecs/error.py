@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["compression_error"]
+__all__ = ["compression_error", "relative_error", "squared_norm"]
 
 
 def compression_error(x: torch.Tensor, x_hat: torch.Tensor) -> float:
@@ -23,3 +23,26 @@ def compression_error(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     if norm == 0.0:
         return 0.0 if diff == 0.0 else math.inf
     return diff / norm
+
+
+def relative_error(diff_sq: float, norm_sq: float) -> float:
+    """``sqrt(diff_sq / norm_sq)`` with ``compression_error``'s edge cases (0.0 and ``inf``)."""
+    if norm_sq == 0.0:
+        return 0.0 if diff_sq == 0.0 else math.inf
+    return math.sqrt(diff_sq) / math.sqrt(norm_sq)
+
+
+def squared_norm(t: torch.Tensor) -> float:
+    """``sum(t**2)`` of a float32 tensor on any device, to about 1e-7 relative.
+
+    Squares in float32 and torch's cascade (CPU) or tree (GPU) summation: one fused-size pass
+    instead of a float64 copy. Falls back to float64 when squares could overflow or underflow.
+    """
+    if t.numel() == 0:
+        return 0.0
+    s = float((t * t).sum())
+    if math.isfinite(s) and (s == 0.0 or s >= 1e-20):
+        if s > 0.0 or not bool(t.any()):
+            return s
+    host = t.detach().to("cpu", torch.float64)
+    return float(torch.dot(host.reshape(-1), host.reshape(-1)))

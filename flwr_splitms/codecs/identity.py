@@ -41,7 +41,20 @@ class Identity(Codec):
     ) -> Payload:
         return self._payload(shape, flat.dtype, [tensor_to_bytes(flat)])
 
+    def _encode_measured(
+        self,
+        flat: torch.Tensor,
+        shape: tuple[int, ...],
+        *,
+        generator: torch.Generator | None,
+        train: bool,
+    ) -> tuple[Payload, float]:
+        return self._encode(flat, shape, generator=generator, train=train), 0.0
+
     def _decode(self, payload: Payload) -> torch.Tensor:
-        values = tensor_from_bytes(payload.sections[0], payload.dtype)
+        return self._decode_to(payload, torch.device("cpu"))
+
+    def _decode_to(self, payload: Payload, device: torch.device) -> torch.Tensor:
+        values = tensor_from_bytes(payload.sections[0], payload.dtype, device)
         check_finite(values, "values")
         return values

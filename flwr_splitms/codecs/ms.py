@@ -32,12 +32,14 @@ import numpy as np
 import torch
 
 from . import bitpack
-from .base import Codec, check_finite
-from .dtypes import itemsize, tensor_from_bytes, tensor_to_bytes
+from .base import Codec, check_finite, require_finite
+from .dtypes import itemsize, tensor_from_bytes, tensor_to_bytes, to_host_bytes
+from .entropy import ENTROPY
 from .params import Choice, IntRange
 from .payload import Payload, PayloadError
+from .error import relative_error, squared_norm
 from .registry import register
-from .selection import keep_count, top_indices
+from .selection import flat_nonzero, keep_count, top_indices
 from .topk import RATIO
 
 __all__ = ["MaskEncodedSparsification"]
@@ -48,7 +50,8 @@ SIGN_FLAG = 0x01
 @register
 class MaskEncodedSparsification(Codec):
     """MS; params: ``ratio`` (0, 1) default 0.99, ``bits`` 1..8 default 2, ``rounding``
-    ("nearest" | "floor"), ``signed`` ("auto" | True | False), ``scope`` ("tensor" | "sample").
+    ("nearest" | "floor"), ``signed`` ("auto" | True | False), ``scope`` ("tensor" | "sample"),
+    ``entropy`` ("none" | "zstd": lossless stage on the sections, ``entropy.py``).
     """
 
     name = "ms"
@@ -59,9 +62,11 @@ class MaskEncodedSparsification(Codec):
         Choice("rounding", "nearest", ("nearest", "floor")),
         Choice("signed", "auto", ("auto", True, False)),
         Choice("scope", "tensor", ("tensor", "sample")),
+        ENTROPY,  # lossless stage on the sections ("none" | "zstd"), see entropy.py
     )
     section_names = ("mask", "values")
     flag_mask = SIGN_FLAG
+    checks_finite = True  # from the min that decides the sign bit
 
     @property
     def _bits(self) -> int:
@@ -96,65 +101,163 @@ class MaskEncodedSparsification(Codec):
         generator: torch.Generator | None,
         train: bool,
     ) -> Payload:
+        return self._encode_impl(flat, shape, measure=False)[0]
+
+    def _encode_measured(
+        self,
+        flat: torch.Tensor,
+        shape: tuple[int, ...],
+        *,
+        generator: torch.Generator | None,
+        train: bool,
+    ) -> tuple[Payload, float]:
+        return self._encode_impl(flat, shape, measure=True)
+
+    def _encode_impl(
+        self, flat: torch.Tensor, shape: tuple[int, ...], *, measure: bool
+    ) -> tuple[Payload, float]:
+        """Alg. 1 on the tensor's device; with ``measure``, also the error the decoder sees.
+
+        The error needs no decode: kept positions are exact, every other one decodes to
+        ``q * Top_min / (2^b - 1)`` (cast to the input dtype) with the sign of ``x``.
+        """
         b = self._bits
         top_code = (1 << b) - 1
-        x = flat.float().numpy()  # elementwise work in numpy: single-threaded, predictable
-        negative = x.size > 0 and bool(x.min() < 0)
+        rows, m, kr = self._layout(shape)
+        if flat.numel() == 0:
+            s = int(self._params["signed"] is True)
+            return self._payload(shape, flat.dtype, [b"", b""], s), 0.0
+        lo, _ = require_finite(self.name, *torch.aminmax(flat))
+        negative = lo < 0
         if negative and self._params["signed"] is False:
             raise ValueError(
                 "ms with signed=False got negative values; use signed='auto' (adds a sign bit "
                 "only when needed) or signed=True"
             )
         s = int(self._params["signed"] is True or negative)
-        rows, m, kr = self._layout(shape)
-        if x.size == 0:
-            return self._payload(shape, flat.dtype, [b"", b""], s)
-
-        mag = np.abs(x).reshape(rows, m)
-        idx = top_indices(torch.from_numpy(mag), kr).numpy()  # ascending: the original order
-        top_min = np.take_along_axis(mag, idx, axis=1).min(axis=1, keepdims=True)
-        with np.errstate(divide="ignore", over="ignore"):
-            scale = np.float32(top_code) / top_min
-        if np.all(np.isfinite(scale)):
-            q = np.multiply(mag, scale, out=mag)
+        x = flat.float().view(rows, m)  # no copy for float32
+        mag = x.abs() if negative else x
+        idx = top_indices(mag, kr)  # ascending: the original order
+        values = flat.view(rows, m).gather(1, idx).reshape(-1)
+        top_min = mag.gather(1, idx).amin(dim=1, keepdim=True)
+        scale = torch.full_like(top_min, float(top_code)) / top_min
+        q = torch.empty_like(mag)
+        if bool(torch.isfinite(scale).all()):
+            torch.mul(mag, scale, out=q)
         else:  # Top_min is 0 (then the row's other elements are 0 too) or subnormal
-            q = np.divide(mag, np.where(top_min > 0, top_min, np.float32(1)), out=mag)
-            q *= np.float32(top_code)
+            torch.div(mag, torch.where(top_min > 0, top_min, torch.ones_like(top_min)), out=q)
+            q.mul_(float(top_code))
         if self._params["rounding"] == "nearest":
-            np.rint(q, out=q)  # half to even, like torch.round in the authors' code
+            q.round_()  # half to even, like torch.round in the authors' code
         else:
-            np.floor(q, out=q)
-        np.minimum(q, top_code - 1, out=q)
-        codes = q.astype(np.uint8 if b + s <= 8 else np.uint16)
+            q.floor_()
+        q.clamp_(max=top_code - 1)
+        error = self._error(x, mag, q, idx, top_min, top_code, flat.dtype) if measure else 0.0
         if s:
-            codes |= np.left_shift((x < 0).reshape(rows, m).astype(codes.dtype), b)
-        np.put_along_axis(codes, idx, top_code, axis=1)  # also clears kept positions' sign
-        values = flat.view(rows, m).gather(1, torch.from_numpy(idx)).reshape(-1)
-        mask = bitpack.pack(codes.reshape(-1), b + s)
-        return self._payload(shape, flat.dtype, [mask, tensor_to_bytes(values)], s)
+            q.add_(torch.lt(x, 0), alpha=float(1 << b))
+        q.scatter_(1, idx, float(top_code))  # also clears kept positions' sign
+        mask = to_host_bytes(bitpack.pack_float_codes(q, b + s))
+        return self._payload(shape, flat.dtype, [mask, tensor_to_bytes(values)], s), error
+
+    @staticmethod
+    def _error(
+        x: torch.Tensor,
+        mag: torch.Tensor,
+        q: torch.Tensor,
+        idx: torch.Tensor,
+        top_min: torch.Tensor,
+        top_code: int,
+        dtype: torch.dtype,
+    ) -> float:
+        """Relative error of the decoded tensor, from the codes ``q`` (before sign and kept)."""
+        recon = q * (top_min / float(top_code))  # the decoder's step: Top_min / (2^b - 1)
+        if dtype != torch.float32:
+            recon = recon.to(dtype).float()
+        recon.sub_(mag)  # |x - x_hat| off the kept positions: the sign is shared
+        recon.scatter_(1, idx, 0.0)  # kept positions decode exactly
+        return relative_error(squared_norm(recon), squared_norm(x))
 
     def _decode(self, payload: Payload) -> torch.Tensor:
+        return self._decode_to(payload, torch.device("cpu"))
+
+    def _decode_to(self, payload: Payload, device: torch.device) -> torch.Tensor:
+        """Alg. 2 on ``device``.
+
+        Code widths 1, 2, 4 and 8 (``bits + sign``) dequantize straight from the packed
+        bytes through a 256-entry table per sample (one gather writes the whole output) and
+        find the kept codes with a few bitwise operations on the bytes; other widths unpack
+        the codes first.
+        """
         b = self._bits
         top_code = (1 << b) - 1
         s = payload.flags & SIGN_FLAG
         rows, m, kr = self._layout(payload.shape)
-        if payload.numel == 0:
-            return torch.zeros(0)
-        codes = bitpack.unpack(payload.sections[0], b + s, payload.numel).reshape(rows, m)
-        q = codes & codes.dtype.type(top_code) if s else codes
-        kept = q == top_code
-        per_row = np.count_nonzero(kept, axis=1)
-        if np.any(per_row != kr):
+        n = payload.numel
+        if n == 0:
+            return torch.zeros(0, device=device)
+        values = tensor_from_bytes(payload.sections[1], payload.dtype, device).float()
+        check_finite(values, "kept values")
+        step = values.view(rows, kr).abs().amin(dim=1, keepdim=True) / float(top_code)
+        w = b + s
+        if w in (1, 2, 4, 8) and (rows == 1 or (m * w) % 8 == 0):
+            out, kept = self._dequantize_bytes(payload.sections[0], step, rows, n, s, device)
+        else:
+            codes = bitpack.unpack(payload.sections[0], w, n, device).view(rows, m)
+            q = codes & top_code if s else codes
+            out = q.to(torch.float32)
+            out.mul_(step)
+            if s:
+                out = torch.where((codes >> b).bool(), -out, out)
+            out = out.view(-1)
+            kept = flat_nonzero((q == top_code).view(-1))
+        per_row = kept.numel() if rows == 1 else torch.bincount(kept // m, minlength=rows)
+        if (per_row != kr) if rows == 1 else bool((per_row != kr).any()):
             raise PayloadError(
-                f"mask marks {int(per_row.sum())} kept positions ({kr} per row expected), "
+                f"mask marks {kept.numel()} kept positions ({kr} per row expected), "
                 f"the payload holds {rows * kr} values"
             )
-        values = tensor_from_bytes(payload.sections[1], payload.dtype).float()
-        check_finite(values, "kept values")
-        vals = values.numpy().reshape(rows, kr)
-        step = np.abs(vals).min(axis=1, keepdims=True) / np.float32(top_code)
-        out = np.multiply(q, step, dtype=np.float32)
+        out.index_copy_(0, kept, values)  # ascending positions: rows' values in original order
+        return out
+
+    def _dequantize_bytes(
+        self,
+        packed: bytes,
+        step: torch.Tensor,
+        rows: int,
+        n: int,
+        s: int,
+        device: torch.device,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(decoded values, kept positions are placeholders; ascending kept positions)."""
+        b = self._bits
+        top_code = (1 << b) - 1
+        w = b + s
+        per = 8 // w
+        raw = bitpack.load(packed, w, n, device)
+        lanes = bitpack.lane_codes(w).to(device)  # (256, per)
+        q = lanes & top_code
+        table = q.to(torch.float32).unsqueeze(0) * step.unsqueeze(2)  # (rows, 256, per)
         if s:
-            np.negative(out, out=out, where=(codes >> b).astype(bool))
-        out[kept] = vals.reshape(-1)  # row-major: each row's values in original order
-        return torch.from_numpy(out.reshape(-1))
+            table = torch.where((lanes >> b).bool(), -table, table)
+        index = raw.to(torch.int64)
+        if rows > 1:  # each sample's bytes look up its own table
+            index.view(rows, -1).add_(torch.arange(rows, device=device).unsqueeze(1) * 256)
+        if per == 8:
+            out = table.view(-1, 8).index_select(0, index)
+        else:  # one element per byte pattern: a 1-D gather, the fast kernel
+            entry = {1: torch.float32, 2: torch.float64, 4: torch.complex128}[per]
+            out = table.view(-1).view(entry).index_select(0, index).view(torch.float32)
+        # A lane holds a kept code iff its b magnitude bits are all set.
+        lane_bits = sum(1 << (j * w) for j in range(per))
+        hits = raw.clone()
+        for i in range(1, b):
+            hits &= raw >> i
+        hits &= lane_bits
+        if device.type == "cpu":
+            where = torch.from_numpy(np.flatnonzero(hits.numpy()))
+        else:
+            where = flat_nonzero(hits != 0)
+        lane = torch.arange(per, device=device)
+        flags = (hits.index_select(0, where).unsqueeze(1) >> (lane * w)) & 1
+        pos = (where.unsqueeze(1) * per + lane).view(-1)
+        return out.view(-1)[:n], pos.index_select(0, flat_nonzero(flags.view(-1).bool()))

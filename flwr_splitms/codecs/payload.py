@@ -9,7 +9,7 @@ Wire format, version 1 (all integers little-endian)::
     offset  size       field
     0       4          magic b"FSMS"
     4       1          format version (1)
-    5       1          codec id: 0 none, 1 qu, 2 sp, 3 rt, 4 ms
+    5       1          codec id: 0 none, 1 qu, 2 sp, 3 rt, 4 ms, 5 fp16, 6 bf16
     6       1          dtype: 0 float32, 1 float16, 2 bfloat16
     7       1          flags (codec specific: ms bit 0 = sign bit in use; sp/rt bit 0 = 32-bit
                        indices instead of a bitmap)
@@ -29,18 +29,22 @@ Header overhead = 12 + P + 8*ndim + 8*S bytes, a constant per codec and tensor r
     qu      1   2   29 + 8*ndim         61 bytes
     sp      8   2   36 + 8*ndim         68 bytes
     rt     16   2   44 + 8*ndim         76 bytes
-    ms     12   2   40 + 8*ndim         72 bytes
+    ms     13   2   41 + 8*ndim         73 bytes
+    fp16    0   1   20 + 8*ndim         52 bytes  (bf16 the same)
 
 Decoding is defensive: ``from_bytes`` checks the magic, version, codec id, dtype, rank,
 parameters, the declared element count (at most 2**31, size-0 dimensions counted as 1) and
 every section length against the blob length and against what the codec requires for the
 declared shape, all before copying or allocating anything, and raises :class:`PayloadError`
 on any mismatch. The codecs' decoders
-then validate the content (code counts, index ranges, finite values).
+then validate the content (code counts, index ranges, finite values). With ``entropy="zstd"``
+(``ms``) the sections are zstd frames and the layout check compares the decoded lengths their
+headers declare (``entropy.py``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 from dataclasses import dataclass, field
@@ -228,12 +232,13 @@ class Payload:
             raise PayloadError(
                 f"{present - declared} bytes of trailing garbage after the declared sections"
             )
-        codec.check_layout(shape, dtype, flags, lengths)
+        views = [mv[a:b] for a, b in itertools.pairwise(itertools.accumulate(lengths, initial=off))]
+        # entropy stage: check the decoded lengths its frames declare (entropy imports payload)
+        from .entropy import declared_lengths
 
-        sections = []
-        for length in lengths:
-            sections.append(bytes(mv[off : off + length]))
-            off += length
+        codec.check_layout(shape, dtype, flags, declared_lengths(codec.params, views))
+
+        sections = [bytes(v) for v in views]
         return cls(
             codec=codec_cls.name,
             params=codec.params,
@@ -244,7 +249,12 @@ class Payload:
         )
 
 
-def decode_bytes(blob: bytes | bytearray | memoryview) -> torch.Tensor:
-    """Decode payload bytes with the codec their header names (same shape and dtype, CPU)."""
+def decode_bytes(
+    blob: bytes | bytearray | memoryview, *, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Decode payload bytes with the codec their header names (same shape and dtype).
+
+    The result is on ``device`` (default: the CPU), where the decoding work also runs.
+    """
     payload = Payload.from_bytes(blob)
-    return get_codec(payload.codec, **payload.params).decode(payload)
+    return get_codec(payload.codec, **payload.params).decode(payload, device=device)

@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 import struct
 
-import numpy as np
 import torch
 
 from . import bitpack
-from .base import Codec
+from .base import Codec, require_finite
+from .dtypes import to_host_bytes
+from .error import relative_error, squared_norm
 from .params import IntRange
 from .payload import Payload, PayloadError
 from .registry import register
@@ -36,6 +37,7 @@ class UniformQuantization(Codec):
     codec_id = 1
     param_specs = (IntRange("bits", 3, 1, 16),)
     section_names = ("codes", "scales")
+    checks_finite = True  # from the min and max that set the range
 
     @property
     def _bits(self) -> int:
@@ -54,25 +56,55 @@ class UniformQuantization(Codec):
         generator: torch.Generator | None,
         train: bool,
     ) -> Payload:
-        levels = (1 << self._bits) - 1
+        return self._encode_impl(flat, shape, measure=False)[0]
+
+    def _encode_measured(
+        self,
+        flat: torch.Tensor,
+        shape: tuple[int, ...],
+        *,
+        generator: torch.Generator | None,
+        train: bool,
+    ) -> tuple[Payload, float]:
+        return self._encode_impl(flat, shape, measure=True)
+
+    def _encode_impl(
+        self, flat: torch.Tensor, shape: tuple[int, ...], *, measure: bool
+    ) -> tuple[Payload, float]:
+        """Quantize on the tensor's device; with ``measure``, the error of the dequantized values."""
+        bits = self._bits
+        levels = (1 << bits) - 1
         if flat.numel() == 0:
-            return self._payload(shape, flat.dtype, [b"", _SCALES.pack(0.0, 0.0)])
-        x = flat.float().numpy()
-        lo, hi = float(x.min()), float(x.max())
+            return self._payload(shape, flat.dtype, [b"", _SCALES.pack(0.0, 0.0)]), 0.0
+        lo, hi = require_finite(self.name, *torch.aminmax(flat))
         span = hi - lo  # in float64: may exceed the float32 range
-        if span == 0.0:
-            codes = np.zeros(x.size, dtype=np.uint8)
-        else:
-            work = _work_dtype(span, levels)
-            q = np.subtract(x, lo, dtype=work)
-            q *= work(levels / span)
-            np.rint(q, out=q)
-            np.clip(q, 0, levels, out=q)
-            codes = q.astype(np.uint8 if levels <= 0xFF else np.uint16)
-        sections = [bitpack.pack(codes, self._bits), _SCALES.pack(lo, hi)]
-        return self._payload(shape, flat.dtype, sections)
+        scales = _SCALES.pack(lo, hi)
+        if span == 0.0:  # constant tensor: all codes 0, decoded exactly
+            codes = bytes(bitpack.packed_nbytes(flat.numel(), bits))
+            return self._payload(shape, flat.dtype, [codes, scales]), 0.0
+        work = _work_dtype(span, levels)
+        x = flat.to(work)
+        if work == torch.float64 and x.device.type == "mps":  # MPS has no float64
+            x = x.cpu()
+        q = x - _rounded(lo, work)
+        q.mul_(_rounded(levels / span, work))
+        q.round_()  # half to even
+        q.clamp_(0, levels)
+        error = 0.0
+        if measure:
+            recon = q * _rounded(span / levels, work)  # exactly what the decoder computes
+            recon.add_(_rounded(lo, work))
+            recon = recon.to(flat.dtype).float()
+            ref = flat.float()
+            recon.sub_(ref.to(recon.device))
+            error = relative_error(squared_norm(recon), squared_norm(ref))
+        packed = bitpack.pack_float_codes(q, bits) if bits <= 4 else bitpack.pack(q.int(), bits)
+        return self._payload(shape, flat.dtype, [to_host_bytes(packed), scales]), error
 
     def _decode(self, payload: Payload) -> torch.Tensor:
+        return self._decode_to(payload, torch.device("cpu"))
+
+    def _decode_to(self, payload: Payload, device: torch.device) -> torch.Tensor:
         levels = (1 << self._bits) - 1
         d = payload.numel
         lo, hi = _SCALES.unpack(payload.sections[1])
@@ -86,18 +118,26 @@ class UniformQuantization(Codec):
             and torch.equal(ends.to(payload.dtype).double(), ends)
         ):
             raise PayloadError(f"invalid quantization range [{lo}, {hi}] for {payload.dtype}")
-        codes = bitpack.unpack(payload.sections[0], self._bits, d)
-        if d == 0:
-            return torch.zeros(0)
         span = hi - lo
         work = _work_dtype(span, levels)
-        out = np.multiply(codes, work(span / levels), dtype=work)
-        out += work(lo)
-        return torch.from_numpy(out)
+        on = torch.device("cpu") if work == torch.float64 and device.type == "mps" else device
+        codes = bitpack.unpack(payload.sections[0], self._bits, d, on)
+        if d == 0:
+            return torch.zeros(0, device=device)
+        out = codes.to(work)
+        out.mul_(_rounded(span / levels, work))
+        out.add_(_rounded(lo, work))
+        return out.to(device)
 
 
-def _work_dtype(span: float, levels: int) -> type[np.floating]:
+def _rounded(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype`` (as numpy's ``float32(value)``), so that scalar
+    arithmetic is the same on every device and backend."""
+    return float(torch.tensor(value, dtype=torch.float64).to(dtype))
+
+
+def _work_dtype(span: float, levels: int) -> torch.dtype:
     """float32, unless the range or the quantization step leaves the normal float32 range."""
     if span == 0.0 or (span <= _F32_MAX and span / levels >= _F32_TINY):
-        return np.float32
-    return np.float64
+        return torch.float32
+    return torch.float64

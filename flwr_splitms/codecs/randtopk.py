@@ -57,7 +57,9 @@ class RandTopKCodec(TopKCodec):
         if not train:
             return top
         alpha = float(self._params["alpha"])  # type: ignore[arg-type]
-        return sample_positions(top, mag.numel(), alpha, generator)
+        # O(k) sampling on the CPU, where the (CPU) generator lives: the same positions for
+        # the same seed whatever the tensor's device.
+        return sample_positions(top.cpu(), mag.numel(), alpha, generator).to(mag.device)
 
 
 def sample_positions(

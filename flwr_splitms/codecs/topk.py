@@ -15,6 +15,7 @@ import torch
 
 from .base import Codec, check_finite
 from .dtypes import itemsize, tensor_from_bytes, tensor_to_bytes
+from .error import relative_error, squared_norm
 from .params import FloatRange, Param
 from .payload import Payload
 from .positions import INDEX_FLAG, decode_positions, encode_positions, positions_nbytes
@@ -61,18 +62,51 @@ class TopKCodec(Codec):
         generator: torch.Generator | None,
         train: bool,
     ) -> Payload:
+        return self._encode_impl(flat, shape, generator, train, measure=False)[0]
+
+    def _encode_measured(
+        self,
+        flat: torch.Tensor,
+        shape: tuple[int, ...],
+        *,
+        generator: torch.Generator | None,
+        train: bool,
+    ) -> tuple[Payload, float]:
+        return self._encode_impl(flat, shape, generator, train, measure=True)
+
+    def _encode_impl(
+        self,
+        flat: torch.Tensor,
+        shape: tuple[int, ...],
+        generator: torch.Generator | None,
+        train: bool,
+        *,
+        measure: bool,
+    ) -> tuple[Payload, float]:
+        """Select on the tensor's device; with ``measure``, the norm of the dropped elements."""
         d = flat.numel()
         k = keep_count(self._ratio, d)
-        idx = self._select(flat.float().abs(), k, generator, train)
+        x = flat.float()
+        idx = self._select(x.abs(), k, generator, train)
         positions, flags = encode_positions(idx, d)
-        return self._payload(shape, flat.dtype, [positions, tensor_to_bytes(flat[idx])], flags)
+        values = tensor_to_bytes(flat[idx])
+        error = 0.0
+        if measure:
+            norm_sq = squared_norm(x)
+            dropped = x.clone() if flat.dtype == torch.float32 else x  # x may alias flat
+            dropped[idx] = 0.0  # the decoder restores kept values exactly, zeros elsewhere
+            error = relative_error(squared_norm(dropped), norm_sq)
+        return self._payload(shape, flat.dtype, [positions, values], flags), error
 
     def _decode(self, payload: Payload) -> torch.Tensor:
+        return self._decode_to(payload, torch.device("cpu"))
+
+    def _decode_to(self, payload: Payload, device: torch.device) -> torch.Tensor:
         d = payload.numel
         k = keep_count(self._ratio, d)
-        idx = decode_positions(payload.sections[0], d, k, payload.flags)
-        values = tensor_from_bytes(payload.sections[1], payload.dtype)
+        idx = decode_positions(payload.sections[0], d, k, payload.flags, device)
+        values = tensor_from_bytes(payload.sections[1], payload.dtype, device)
         check_finite(values, "kept values")
-        out = torch.zeros(d, dtype=payload.dtype)
+        out = torch.zeros(d, dtype=payload.dtype, device=device)
         out[idx] = values
         return out

@@ -1,0 +1,103 @@
+"""Round accounting: traffic, time, losses and errors of one round, as one history row."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+log = logging.getLogger("flwr")
+
+
+@dataclass
+class RoundAccumulator:
+    """Collects what one round cost and produced; :meth:`row` is its history row."""
+
+    server_round: int
+    lr: float
+    num_clients: int = 0
+    uplink_bytes: float = 0.0
+    uplink_raw_bytes: float = 0.0
+    downlink_bytes: float = 0.0
+    client_seconds: float = 0.0
+    server_seconds: float = 0.0
+    message_seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    errors: list[float] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+
+    def uplink(self, nbytes: float, raw_nbytes: float, errors: list[float]) -> None:
+        """A client's upload: bytes sent, bytes the raw activations would take, measured errors."""
+        self.uplink_bytes += nbytes
+        self.uplink_raw_bytes += raw_nbytes
+        self.errors.extend(errors)
+
+    def downlink(self, nbytes: float) -> None:
+        """Gradient bytes sent to a client."""
+        self.downlink_bytes += nbytes
+
+    def row(self) -> dict[str, float]:
+        """The history row of the round (evaluation columns are added by the engine)."""
+        measured = [e for e in self.errors if not math.isnan(e)]
+        return {
+            "round": self.server_round,
+            "train_loss": float(np.mean(self.losses)) if self.losses else math.nan,
+            "compression_error": float(np.mean(measured)) if measured else math.nan,
+            "uplink_bytes": self.uplink_bytes,
+            "uplink_raw_bytes": self.uplink_raw_bytes,
+            "downlink_bytes": self.downlink_bytes,
+            "total_bytes": self.uplink_bytes + self.downlink_bytes,
+            "client_seconds": self.client_seconds,
+            "server_seconds": self.server_seconds,
+            "message_seconds": self.message_seconds,
+            "lr": self.lr,
+            "steps": len(self.losses),
+            "num_clients": self.num_clients,
+            "round_seconds": time.perf_counter() - self.started,
+        }
+
+
+def log_round(row: dict[str, float], num_rounds: int, engine: str = "ROUND") -> None:
+    """The one log line per round that both engines print."""
+    accuracy = row.get("test_accuracy", math.nan)
+    log.info(
+        "[%s %d/%d] train loss %.4f | test acc %s | uplink %.2f MB (raw %.2f MB) | "
+        "downlink %.2f MB | %d clients, %d steps, %.1fs",
+        engine,
+        int(row["round"]),
+        num_rounds,
+        row.get("train_loss", math.nan),
+        "n/a" if accuracy is None or math.isnan(accuracy) else f"{100 * accuracy:.2f}%",
+        row.get("uplink_bytes", 0.0) / 1e6,
+        row.get("uplink_raw_bytes", 0.0) / 1e6,
+        row.get("downlink_bytes", 0.0) / 1e6,
+        int(row.get("num_clients", 0)),
+        int(row.get("steps", 0)),
+        row.get("round_seconds", 0.0),
+    )
+
+
+class StepProgress:
+    """Logs a progress line about every ``interval`` seconds during a long round."""
+
+    def __init__(self, label: str, total: int, interval: float = 30.0) -> None:
+        self.label, self.total, self.interval = label, total, interval
+        self.started = self.last = time.monotonic()
+
+    def update(self, step: int, loss: float) -> None:
+        """Report step ``step`` (1-based) if the interval has passed."""
+        now = time.monotonic()
+        if now - self.last >= self.interval and step < self.total:
+            self.last = now
+            rate = step / (now - self.started)
+            log.info(
+                "%s: step %d/%d, loss %.4f, about %.0fs left",
+                self.label,
+                step,
+                self.total,
+                loss,
+                (self.total - step) / rate,
+            )

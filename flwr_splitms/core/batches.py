@@ -1,0 +1,52 @@
+"""Which examples a client's batch holds and which random draws it uses.
+
+Derived from (seed, client, epoch, round, step) so that a batch recomputed in a later message, in
+another process, or in the local engine sees the same examples, pixels and codec draws.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flwr_splitms.seeding import generator
+
+BatchKey = tuple[int, int, int, int]  # (epoch, position, round, step) of a batch
+
+
+def take_batch(
+    size: int, batch_size: int, epoch: int, position: int, client_id: int = 0
+) -> tuple[int, int]:
+    """Where the next full batch starts: (epoch, position); a short epoch tail is dropped."""
+    if size < batch_size:
+        raise ValueError(
+            f"client {client_id} holds {size} training examples, fewer than batch-size "
+            f"{batch_size}; lower batch-size or use fewer partitions"
+        )
+    if position + batch_size > size:
+        return epoch + 1, 0
+    return epoch, position
+
+
+def batch_positions(
+    size: int, batch_size: int, seed: int, client_id: int, epoch: int, position: int
+) -> torch.Tensor:
+    """Positions of a batch in the client's data: a per-(seed, client, epoch) shuffle."""
+    order = torch.randperm(size, generator=generator(seed, "order", client_id, epoch))
+    return order[position : position + batch_size]
+
+
+def augment_generator(seed: int, client_id: int, server_round: int, step: int) -> torch.Generator:
+    """Draws of a batch's augmentation, the same when the batch is recomputed."""
+    return generator(seed, "augment", client_id, server_round, step)
+
+
+def codec_generator(seed: int, client_id: int, server_round: int, step: int) -> torch.Generator:
+    """Draws of a randomized codec (RT) for one batch."""
+    return generator(seed, "codec", client_id, server_round, step)
+
+
+def grad_codec_generator(
+    seed: int, client_id: int, server_round: int, step: int
+) -> torch.Generator:
+    """Draws of a randomized downlink codec for one client's gradient of one step."""
+    return generator(seed, "grad-codec", client_id, server_round, step)

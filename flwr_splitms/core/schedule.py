@@ -1,0 +1,45 @@
+"""Per-round schedules: the learning rate of a round and how a round's steps group into messages."""
+
+from __future__ import annotations
+
+import math
+
+LR_SCHEDULES = ("constant", "cosine", "step")
+
+
+def lr_at_round(base_lr: float, schedule: str, server_round: int, num_rounds: int) -> float:
+    """Learning rate of a round: constant, cosine from ``base_lr`` to 0, or x0.1 at 50% and 75%."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {schedule!r}; choose one of {LR_SCHEDULES}")
+    progress = (server_round - 1) / max(num_rounds, 1)
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "step":
+        return base_lr * (0.1 ** ((progress >= 0.5) + (progress >= 0.75)))
+    return base_lr
+
+
+def first_block(steps_per_round: int, steps_per_message: int) -> int:
+    """Batches the round-start message asks for.
+
+    When the round length is set (``steps_per_round`` > 0) the first message already carries a
+    full block; when it is one local epoch, the server learns the partition sizes from the first
+    reply, so that reply carries one batch.
+    """
+    return min(steps_per_message, steps_per_round) if steps_per_round > 0 else 1
+
+
+def plan_blocks(steps: int, steps_per_message: int, first: int) -> list[int]:
+    """Sizes of the message blocks of a round of ``steps`` steps: ``first``, then K at a time.
+
+    ``steps_per_message`` = K = 1 is the exact SplitFed algorithm (one round trip per step).
+    """
+    if steps < 1 or steps_per_message < 1 or first < 1:
+        raise ValueError(
+            f"steps ({steps}), steps-per-message ({steps_per_message}) and the first block "
+            f"({first}) must all be >= 1"
+        )
+    blocks = [min(first, steps)]
+    while sum(blocks) < steps:
+        blocks.append(min(steps_per_message, steps - sum(blocks)))
+    return blocks
