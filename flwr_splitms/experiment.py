@@ -18,6 +18,7 @@ from flwr_splitms.data import (
     dataset_num_classes,
     load_dataset,
     load_partition,
+    partition,
 )
 from flwr_splitms.models import split_model
 
@@ -66,3 +67,12 @@ def evaluation_data(config: SplitConfig) -> BatchSource:
     if config.dataset == "synthetic":
         kwargs["size"] = max(config.synthetic_size // 5, 1)
     return load_dataset(config.dataset, train=False, seed=config.seed, **kwargs)  # type: ignore[arg-type]
+
+
+def partition_sizes(config: SplitConfig, num_partitions: int) -> list[int]:
+    """Training examples of each client partition, as ``client_data`` will create them."""
+    train = load_dataset(config.dataset, train=True, seed=config.seed, **_data_kwargs(config))  # type: ignore[arg-type]
+    parts = partition(
+        train.labels, num_partitions, config.partition, config.dirichlet_alpha, config.seed
+    )
+    return [len(p) for p in parts]

@@ -14,13 +14,15 @@ import logging
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 import torch
 from torch import nn
 
+from flwr_splitms.checkpoint import RunState, save_run_state
 from flwr_splitms.config import SplitConfig
 from flwr_splitms.core.accounting import RoundAccumulator, StepProgress, log_round
 from flwr_splitms.core.aggregation import fedavg
@@ -99,6 +101,9 @@ def run_local(
     models: tuple[nn.Module, nn.Module] | None = None,
     client_data: Sequence[BatchSource] | None = None,
     test_data: BatchSource | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: RunState | None = None,
+    round_callback: Callable[[int, dict[str, float]], None] | None = None,
 ) -> LocalResult:
     """Train ``config`` with ``num_clients`` simulated clients; returns per-round history.
 
@@ -106,6 +111,11 @@ def run_local(
     ``test_data`` replace the networks and data that ``config`` names (bring your own).
     ``device`` overrides ``config.device``. Clients are sampled per round with
     ``fraction-train`` (all of them at 1.0) and run in client-id order.
+
+    ``checkpoint_dir`` keeps a checkpoint of the last ``keep-checkpoints`` rounds there;
+    ``resume`` (:func:`flwr_splitms.checkpoint.latest_run_state` of such a folder) continues
+    after its round and gives exactly the run that was not interrupted. ``round_callback(round,
+    row)`` is called after every round.
     """
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
@@ -128,8 +138,12 @@ def run_local(
     ]
     states: list[ClientState | None] = [None] * num_clients
     sampler = random.Random(config.seed)
-    rows = []
-    for server_round in range(1, config.num_server_rounds + 1):
+    rows: list[dict[str, float]] = []
+    first_round = 1
+    if resume is not None:
+        global_weights = _restore(resume, server, cores, states, sampler, rows)
+        first_round = resume.server_round + 1
+    for server_round in range(first_round, config.num_server_rounds + 1):
         count = max(int(num_clients * config.fraction_train), 1)
         active = (
             sorted(sampler.sample(range(num_clients), count))
@@ -156,10 +170,47 @@ def run_local(
             row.update(test_loss=math.nan, test_accuracy=math.nan, test_top5=math.nan)
         rows.append(row)
         log_round(row, config.num_server_rounds, engine="local")
+        if checkpoint_dir is not None:
+            state = RunState(
+                server_round=server_round,
+                client_weights=global_weights,
+                server_weights={
+                    k: v.detach().cpu().clone() for k, v in server.model.state_dict().items()
+                },
+                server_optimizer=server.optimizer.state_dict(),
+                history=[dict(r) for r in rows],
+                cursors={
+                    c: SplitClientCore.cursor(s) for c, s in enumerate(states) if s is not None
+                },
+                sampler_state=sampler.getstate(),
+                run_config=config.to_run_config(),
+            )
+            save_run_state(checkpoint_dir, state, keep=config.keep_checkpoints)
+        if round_callback is not None:
+            round_callback(server_round, row)
     columns = list(dict.fromkeys([*HISTORY_COLUMNS, *(k for row in rows for k in row)]))
     history = pd.DataFrame(rows, columns=columns)
     server_weights = {k: v.detach().cpu().clone() for k, v in server.model.state_dict().items()}
     return LocalResult(history, global_weights, server_weights, config)
+
+
+def _restore(
+    state: RunState,
+    server: SplitServerCore,
+    cores: list[SplitClientCore],
+    states: list[ClientState | None],
+    sampler: random.Random,
+    rows: list[dict[str, float]],
+) -> dict[str, torch.Tensor]:
+    """Adopt a checkpoint: server half, client cursors, sampler, history; the global weights."""
+    server.model.load_state_dict(state.server_weights)
+    server.optimizer.load_state_dict(state.server_optimizer)
+    for client_id, cursor in state.cursors.items():
+        states[client_id] = cores[client_id].start_round(state.client_weights, None, cursor)
+    if state.sampler_state is not None:
+        sampler.setstate(state.sampler_state)
+    rows.extend(dict(row) for row in state.history)
+    return {k: v.clone() for k, v in state.client_weights.items()}
 
 
 def _round(

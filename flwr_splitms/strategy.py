@@ -429,7 +429,10 @@ class MSSplitStrategy(FedAvg):
         return P.state_to_record(state.client_weights)
 
     def _config(
-        self, settings: StepSettings, extra: ConfigRecord | None, **entries: int
+        self,
+        settings: StepSettings,
+        extra: ConfigRecord | None,
+        entries: Mapping[str, int | list[int]],
     ) -> ConfigRecord:
         config = P.settings_to_config(settings)
         for key, value in (extra or {}).items():
@@ -467,7 +470,7 @@ class MSSplitStrategy(FedAvg):
                 self.configrecord_key: self._config(
                     settings,
                     train_config,
-                    **{P.STEP: 0, P.NUM_BATCHES: first, P.CURSORS: P.cursor_table(self.cursors)},
+                    {P.STEP: 0, P.NUM_BATCHES: first, P.CURSORS: P.cursor_table(self.cursors)},
                 ),
             }
         )
@@ -503,7 +506,7 @@ class MSSplitStrategy(FedAvg):
             config = self._config(
                 settings,
                 train_config,
-                **{P.STEP: step, P.NUM_BATCHES: 0 if last else blocks[index + 1]},
+                {P.STEP: step, P.NUM_BATCHES: 0 if last else blocks[index + 1]},
             )
             messages = {}
             for node, blobs in block.gradients.items():
@@ -586,7 +589,7 @@ class MSSplitStrategy(FedAvg):
             return None
         node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
         settings = self.settings(server_round, 0.0, train=False)
-        config = self._config(settings, evaluate_config, **{P.MAX_EXAMPLES: self.eval_max_examples})
+        config = self._config(settings, evaluate_config, {P.MAX_EXAMPLES: self.eval_max_examples})
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         replies = self._exchange(
             grid, _broadcast(content, node_ids, P.SPLIT_EVALUATE, server_round), timeout
@@ -609,25 +612,10 @@ class MSSplitStrategy(FedAvg):
     # -- messaging ----------------------------------------------------------------------------
     def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
         """Sample nodes as FedAvg does: a fraction of those connected, at least ``minimum``."""
-        self._wait_for_nodes(grid)
+        wait_for_nodes(grid, self.min_available_nodes, self.node_wait)
         num_nodes = int(len(list(grid.get_node_ids())) * fraction)
         node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, minimum))
         return sorted(node_ids)
-
-    def _wait_for_nodes(self, grid: Grid) -> None:
-        """Wait up to ``node_wait`` seconds for ``min_available_nodes``; then stop clearly."""
-        deadline = time.monotonic() + self.node_wait
-        connected = len(list(grid.get_node_ids()))
-        while connected < self.min_available_nodes:
-            if time.monotonic() >= deadline:
-                raise NotEnoughNodesError(
-                    f"{connected} node(s) connected after waiting {self.node_wait:g}s, the run "
-                    f"needs {self.min_available_nodes} (min-nodes): start more SuperNodes, or "
-                    f'in simulation run with --federation-config "num-supernodes=N", or lower '
-                    f"min-nodes"
-                )
-            time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
-            connected = len(list(grid.get_node_ids()))
 
     def _exchange(
         self,
@@ -682,7 +670,28 @@ class MSSplitStrategy(FedAvg):
         return replies
 
 
-def _report_failures(failures: Mapping[int, str], replies: Mapping[int, Message], sent: int) -> None:
+def wait_for_nodes(grid: Grid, minimum: int, wait: float) -> int:
+    """Wait up to ``wait`` seconds for ``minimum`` connected nodes; returns how many connected.
+
+    Raises :class:`NotEnoughNodesError` saying how to start more, instead of waiting forever.
+    """
+    deadline = time.monotonic() + wait
+    connected = len(list(grid.get_node_ids()))
+    while connected < minimum:
+        if time.monotonic() >= deadline:
+            raise NotEnoughNodesError(
+                f"{connected} node(s) connected after waiting {wait:g}s, the run needs {minimum} "
+                "(min-nodes): start more SuperNodes, or in simulation run with "
+                '--federation-config "num-supernodes=N", or lower min-nodes'
+            )
+        time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+        connected = len(list(grid.get_node_ids()))
+    return connected
+
+
+def _report_failures(
+    failures: Mapping[int, str], replies: Mapping[int, Message], sent: int
+) -> None:
     """One warning per kind of failure; stop the run when every node failed the same way."""
     if not failures:
         return
@@ -691,8 +700,7 @@ def _report_failures(failures: Mapping[int, str], replies: Mapping[int, Message]
         kinds.setdefault(P.failure_kind(failures[node]), []).append(node)
     if not replies and len(failures) == sent and len(kinds) == 1:
         raise ClientsFailedError(
-            f"all {sent} clients failed the same way, so the run stops: "
-            f"{failures[min(failures)]}"
+            f"all {sent} clients failed the same way, so the run stops: {failures[min(failures)]}"
         )
     for nodes in kinds.values():
         log.warning(

@@ -27,7 +27,7 @@ def settings(config: SplitConfig, server_round: int = 1, codec: str = "ms") -> S
 
 
 def raw_gradients(batches: list, seed: int = 0) -> list[bytes]:  # type: ignore[type-arg]
-    """Random gradients of the activations' shape, as the server would send them (grad codec none)."""
+    """Random gradients of the activations' shape, sent as grad codec ``none`` does."""
     codec = get_grad_codec("none")
     torch.manual_seed(seed)
     shape = (len(batches[0].labels), 64, 32, 32)

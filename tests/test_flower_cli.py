@@ -1,33 +1,32 @@
-"""End to end through Flower's own processes: ``flwr run`` on the simulation engine, and a real
-deployment (one SuperLink, two SuperNodes on loopback). Every process started here is stopped.
+"""End to end through Flower's own processes: ``flwr run`` on the simulation engine, and real
+deployments (one SuperLink, SuperNodes on loopback). Every process started here is stopped by
+its PID (see ``flower_processes.py``); nothing is found or killed by name.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pandas as pd
 import psutil
 import pytest
+from flower_processes import (
+    BIN,
+    Deployment,
+    flower_env,
+    run_config_string,
+    stop_local_superlink,
+    stop_tree,
+)
 
 ROOT = Path(__file__).parents[1]
 APP = ROOT / "examples" / "cifar100_resnet18"
-BIN = Path(sys.executable).parent
+TABULAR_APP = ROOT / "examples" / "tabular_mlp"
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def run_config(tmp_path: Path, **extra: object) -> str:
@@ -43,169 +42,140 @@ def run_config(tmp_path: Path, **extra: object) -> str:
         "output-dir": str(tmp_path / "out"),
         **extra,
     }
-    return " ".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in settings.items())
+    return run_config_string(settings)
 
 
 @pytest.fixture
-def flower_env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """A private Flower home and ports, and the guarantee that no Flower process outlives us."""
-    before = {p.pid for p in psutil.process_iter()}
-    env = dict(os.environ)
-    env.update(
-        FLWR_HOME=str(tmp_path / "flwr-home"),
-        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
-        FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-    )
+def env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A private Flower home and ports; the local SuperLink ``flwr run`` starts is stopped."""
+    environment = flower_env(tmp_path / "flwr-home")
     try:
-        yield env
+        yield environment
     finally:
-        stray = [
-            p
-            for p in psutil.process_iter(["pid", "cmdline"])
-            if p.info["pid"] not in before
-            and any("flower-" in part or "flwr" in part for part in (p.info["cmdline"] or []))
-        ]
-        for proc in stray:
-            for child in proc.children(recursive=True):
-                child.kill()
-            proc.kill()
-        psutil.wait_procs(stray, timeout=10)
+        stop_local_superlink(environment)
 
 
-def superlink_healthy(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).is_success
-    except httpx.HTTPError:
-        return False
-
-
-def wait_for(ready: Callable[[], bool], what: str, logs: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if time.monotonic() > deadline:
-            tails = "".join(p.read_text(errors="replace")[-2000:] for p in logs.iterdir())
-            pytest.fail(f"timed out waiting for {what}:\n{tails}")
-        time.sleep(0.5)
+def history_of(out: Path) -> pd.DataFrame:
+    """The run's history.csv (in ``out`` or the newest run folder under it)."""
+    found = sorted(out.rglob("history.csv"), key=lambda p: p.stat().st_mtime)
+    assert found, f"no history.csv under {out}"
+    return pd.read_csv(found[-1])
 
 
 def check_history(out: Path, clients: int) -> None:
-    history = pd.read_csv(out / "history.csv")
+    history = history_of(out)
     assert list(history["round"]) == [1]
     assert history["num_clients"].iloc[0] == clients and history["steps"].iloc[0] == 2
     assert history["uplink_raw_bytes"].iloc[0] / history["uplink_bytes"].iloc[0] > 12
     assert 0 <= history["test_accuracy"].iloc[0] <= 1
     assert history["downlink_bytes"].iloc[0] > 0
-    assert (out / "final_weights.pt").exists() and (out / "run.json").exists()
+    assert list(out.rglob("final_weights.pt")) and list(out.rglob("run.json"))
 
 
-def test_flwr_run_ten_simulated_supernodes(tmp_path: Path, flower_env: dict[str, str]) -> None:
+def test_flwr_run_ten_simulated_supernodes(tmp_path: Path, env: dict[str, str]) -> None:
     """The README's command, offline: ten simulated clients on Ray, one short round."""
     command = [
-        str(BIN / "flwr"),
-        "run",
-        str(APP),
-        "--stream",
-        "--run-config",
-        run_config(tmp_path),
-        "--federation-config",
-        "num-supernodes=10",
-    ]
+        str(BIN / "flwr"), "run", str(APP), "--stream",
+        "--run-config", run_config(tmp_path),
+        "--federation-config", "num-supernodes=10",
+    ]  # fmt: skip
     done = subprocess.run(
-        command, env=flower_env, capture_output=True, text=True, timeout=900, cwd=tmp_path
+        command, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "[ROUND 1/1]" in done.stdout, done.stdout + done.stderr
     check_history(tmp_path / "out", clients=10)
 
 
-def test_deployment_superlink_and_two_supernodes(
-    tmp_path: Path, flower_env: dict[str, str]
-) -> None:
+@pytest.mark.skipif(not TABULAR_APP.exists(), reason="examples/tabular_mlp is not in this tree")
+def test_flwr_run_tabular_example(tmp_path: Path, env: dict[str, str]) -> None:
+    """The tabular example, offline, through ``flwr run --stream`` on the simulation engine."""
+    command = [
+        str(BIN / "flwr"), "run", str(TABULAR_APP), "--stream",
+        "--run-config", run_config_string({
+            "num-server-rounds": 1, "steps-per-round": 2, "output-dir": str(tmp_path / "out"),
+        }),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    history = history_of(tmp_path / "out")
+    assert list(history["round"]) == [1] and history["num_clients"].iloc[0] >= 2
+
+
+def test_deployment_superlink_and_two_supernodes(tmp_path: Path, env: dict[str, str]) -> None:
     """A real deployment on loopback: flower-superlink and two flower-supernode processes."""
-    port = free_port()  # flwr 1.41 serves the Fleet, Control and Runtime APIs on one HTTP port
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(name: str, *args: str) -> None:
-        handle = (logs / f"{name}.log").open("wb")
-        procs.append(
-            subprocess.Popen(
-                [str(BIN / args[0]), *args[1:]],
-                env=flower_env,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                cwd=tmp_path,
-            )
-        )
-
-    start(
-        "superlink",
-        "flower-superlink",
-        "--insecure",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    )
-    for i in range(2):
-        start(
-            f"supernode{i}",
-            "flower-supernode",
-            "--insecure",
-            "--superlink",
-            f"127.0.0.1:{port}",
-            "--node-config",
-            f"partition-id={i} num-partitions=2",
-            "--port",
-            str(free_port()),
-        )
-    home = Path(flower_env["FLWR_HOME"])
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "deployment"\n\n'
-        f'[superlink.deployment]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
-    try:
-        wait_for(lambda: superlink_healthy(port), "the SuperLink to answer /health", logs)
-        for i in range(2):
-            log = logs / f"supernode{i}.log"
-            wait_for(
-                lambda log=log: "SuperNode ID" in log.read_text(errors="replace"),
-                f"SuperNode {i} to register",
-                logs,
-            )
-        done = subprocess.run(
-            [
-                str(BIN / "flwr"),
-                "run",
-                str(APP),
-                "deployment",
-                "--stream",
-                "--run-config",
-                run_config(tmp_path),
-            ],
-            env=flower_env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            cwd=tmp_path,
-        )
-        detail = (
-            done.stdout
-            + done.stderr
-            + "".join(p.read_text(errors="replace")[-3000:] for p in logs.iterdir())
-        )
-        assert done.returncode == 0, detail
+    with Deployment(tmp_path, env) as dep:
+        dep.start_superlink()
+        dep.start_supernodes(2)
+        dep.wait_ready()
+        started = set(dep.procs)
+        done = dep.flwr_run(APP, run_config(tmp_path))
+        assert done.returncode == 0, done.stdout + done.stderr + dep.tails()
         check_history(tmp_path / "out", clients=2)
+        assert set(dep.procs) == started and all(p.poll() is None for p in dep.procs.values())
+        pids = [p.pid for p in dep.procs.values()]
+    assert not [pid for pid in pids if _alive(pid)], "a process outlived Deployment.stop_all"
+
+
+def test_lost_supernode_costs_only_its_round(tmp_path: Path, env: dict[str, str]) -> None:
+    """Three SuperNodes; one is killed (by PID) in round 1 of 2: the run completes, round 1
+    averages the two survivors, round 2 trains on the two that are left."""
+    with Deployment(tmp_path, env) as dep:
+        dep.start_superlink()
+        dep.start_supernodes(3)
+        dep.wait_ready()
+        config = run_config(
+            tmp_path, **{"num-server-rounds": 2, "steps-per-round": 3, "min-nodes": 2}
+        )
+        # The deployment's clients answer every few seconds; kill supernode2 once round 1 runs.
+        run = subprocess.Popen(
+            [str(BIN / "flwr"), "run", str(APP), "deployment", "--stream", "--run-config", config],
+            env=dep.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            cwd=tmp_path,
+        )  # fmt: skip
+        try:
+            dep.wait_for(
+                lambda: "train.split_step" in dep.log("supernode2"), "round 1's first step", 180
+            )
+            dep.stop("supernode2")
+            out, _ = run.communicate(timeout=300)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+        assert run.returncode == 0, out + dep.tails()
+    history = history_of(tmp_path / "out")
+    assert list(history["round"]) == [1, 2], history
+    assert list(history["num_clients"]) == [3, 2], history  # sampled 3, then the 2 left
+    assert list(history["steps"]) == [3, 3], history
+    assert history["test_accuracy"].notna().all(), history
+    assert "dropped from the round" in out, out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_stop_tree_stops_children_only_of_its_pid(tmp_path: Path) -> None:
+    """``stop_tree`` ends a process and its children, and leaves a sibling alone."""
+    sleep = "import time; time.sleep(60)"
+    spawn = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {sleep!r}]); {sleep}"
+    parent = subprocess.Popen([sys.executable, "-c", spawn])
+    sibling = subprocess.Popen([sys.executable, "-c", sleep])
+    try:
+        deadline = time.monotonic() + 30
+        while not psutil.Process(parent.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        child = psutil.Process(parent.pid).children()[0].pid
+        stop_tree(parent.pid, timeout=5)
+        parent.wait(timeout=5)
+        assert not _alive(child) and parent.returncode is not None
+        assert sibling.poll() is None
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(home, ignore_errors=True)
+        sibling.kill()
+        sibling.wait()

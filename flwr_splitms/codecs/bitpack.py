@@ -133,7 +133,8 @@ def pack_float_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         weights = torch.tensor(
             [float(1 << (bits * j)) for j in range(per)], dtype=flat.dtype, device=flat.device
         )
-        return (flat.view(nbytes, per) @ weights).to(torch.uint8)
+        # via int32: float -> uint8 conversion has no fast kernel on the CPU (4x slower)
+        return (flat.view(nbytes, per) @ weights).to(torch.int32).to(torch.uint8)
     return pack(flat.to(torch.int32), bits)
 
 

@@ -27,8 +27,9 @@ exactly (Top_min = 0 gives code 0 everywhere else).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from . import bitpack
@@ -37,7 +38,7 @@ from .dtypes import itemsize, tensor_from_bytes, tensor_to_bytes, to_host_bytes
 from .entropy import ENTROPY
 from .params import Choice, IntRange
 from .payload import Payload, PayloadError
-from .error import relative_error, squared_norm
+from .error import compression_error, relative_error
 from .registry import register
 from .selection import flat_nonzero, keep_count, top_indices
 from .topk import RATIO
@@ -122,12 +123,11 @@ class MaskEncodedSparsification(Codec):
         ``q * Top_min / (2^b - 1)`` (cast to the input dtype) with the sign of ``x``.
         """
         b = self._bits
-        top_code = (1 << b) - 1
         rows, m, kr = self._layout(shape)
         if flat.numel() == 0:
             s = int(self._params["signed"] is True)
             return self._payload(shape, flat.dtype, [b"", b""], s), 0.0
-        lo, _ = require_finite(self.name, *torch.aminmax(flat))
+        lo, hi = require_finite(self.name, *torch.aminmax(flat))
         negative = lo < 0
         if negative and self._params["signed"] is False:
             raise ValueError(
@@ -140,42 +140,74 @@ class MaskEncodedSparsification(Codec):
         idx = top_indices(mag, kr)  # ascending: the original order
         values = flat.view(rows, m).gather(1, idx).reshape(-1)
         top_min = mag.gather(1, idx).amin(dim=1, keepdim=True)
-        scale = torch.full_like(top_min, float(top_code)) / top_min
-        q = torch.empty_like(mag)
-        if bool(torch.isfinite(scale).all()):
-            torch.mul(mag, scale, out=q)
+        scale = torch.full_like(top_min, float((1 << b) - 1)) / top_min
+        finite_scale = bool(torch.isfinite(scale).all())
+        kept = (idx + torch.arange(rows, device=idx.device).unsqueeze(1) * m).view(-1)
+        packed, sq = [], []
+        for r0, r1, c0, c1 in _blocks(rows, m, b + s, flat.device):
+            a = r0 * m + c0
+            lo_k, hi_k = torch.searchsorted(kept, torch.tensor([a, (r1 - 1) * m + c1])).tolist()
+            block = _Block(
+                x[r0:r1, c0:c1],
+                mag[r0:r1, c0:c1],
+                scale[r0:r1] if finite_scale else None,
+                top_min[r0:r1],
+                kept[lo_k:hi_k] - a,
+            )
+            q = self._quantize(block)
+            if measure:
+                sq.append(self._squared_errors(block, q, flat.dtype))
+            packed.append(self._pack(block, q, s))
+        mask = b"".join(to_host_bytes(p) for p in packed)
+        payload = self._payload(shape, flat.dtype, [mask, tensor_to_bytes(values)], s)
+        if not measure:
+            return payload, 0.0
+        diff_sq, norm_sq = torch.stack([torch.stack(t) for t in sq]).double().sum(0).tolist()
+        all_zero = lo == hi == 0.0
+        if not (
+            math.isfinite(diff_sq)
+            and math.isfinite(norm_sq)
+            and (diff_sq == 0.0 or diff_sq >= 1e-20)
+            and (norm_sq >= 1e-20 or (norm_sq == 0.0 and all_zero))
+        ):
+            # float32 squares over- or underflowed: decode and measure in float64 (rare)
+            x_hat = self.decode(payload, device=flat.device)
+            return payload, compression_error(flat.view(shape), x_hat)
+        return payload, relative_error(diff_sq, norm_sq)
+
+    def _quantize(self, block: _Block) -> torch.Tensor:
+        """float32 codes ``min(round(|x| * (2^b - 1) / Top_min), 2^b - 2)`` of a block."""
+        top_code = (1 << self._bits) - 1
+        if block.scale is not None:
+            q = block.mag * block.scale
         else:  # Top_min is 0 (then the row's other elements are 0 too) or subnormal
-            torch.div(mag, torch.where(top_min > 0, top_min, torch.ones_like(top_min)), out=q)
+            ones = torch.ones_like(block.top_min)
+            q = block.mag / torch.where(block.top_min > 0, block.top_min, ones)
             q.mul_(float(top_code))
         if self._params["rounding"] == "nearest":
             q.round_()  # half to even, like torch.round in the authors' code
         else:
             q.floor_()
-        q.clamp_(max=top_code - 1)
-        error = self._error(x, mag, q, idx, top_min, top_code, flat.dtype) if measure else 0.0
-        if s:
-            q.add_(torch.lt(x, 0), alpha=float(1 << b))
-        q.scatter_(1, idx, float(top_code))  # also clears kept positions' sign
-        mask = to_host_bytes(bitpack.pack_float_codes(q, b + s))
-        return self._payload(shape, flat.dtype, [mask, tensor_to_bytes(values)], s), error
+        return q.clamp_(max=top_code - 1)
 
-    @staticmethod
-    def _error(
-        x: torch.Tensor,
-        mag: torch.Tensor,
-        q: torch.Tensor,
-        idx: torch.Tensor,
-        top_min: torch.Tensor,
-        top_code: int,
-        dtype: torch.dtype,
-    ) -> float:
-        """Relative error of the decoded tensor, from the codes ``q`` (before sign and kept)."""
-        recon = q * (top_min / float(top_code))  # the decoder's step: Top_min / (2^b - 1)
+    def _squared_errors(
+        self, block: _Block, q: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of squared decoding errors, sum of squares of x) of a block, float32 0-d."""
+        recon = q * (block.top_min / float((1 << self._bits) - 1))  # the decoder's step
         if dtype != torch.float32:
             recon = recon.to(dtype).float()
-        recon.sub_(mag)  # |x - x_hat| off the kept positions: the sign is shared
-        recon.scatter_(1, idx, 0.0)  # kept positions decode exactly
-        return relative_error(squared_norm(recon), squared_norm(x))
+        recon.sub_(block.mag)  # |x - x_hat| off the kept positions: the sign is shared
+        recon.view(-1).index_fill_(0, block.kept, 0.0)  # kept positions decode exactly
+        return (recon * recon).sum(), (block.x * block.x).sum()
+
+    def _pack(self, block: _Block, q: torch.Tensor, s: int) -> torch.Tensor:
+        """Add the sign bit and the kept code 2^b - 1 to a block's codes and pack them."""
+        b = self._bits
+        if s:
+            q.add_(torch.lt(block.x, 0), alpha=float(1 << b))
+        q.view(-1).index_fill_(0, block.kept, float((1 << b) - 1))  # clears their sign too
+        return bitpack.pack_float_codes(q, b + s)
 
     def _decode(self, payload: Payload) -> torch.Tensor:
         return self._decode_to(payload, torch.device("cpu"))
@@ -253,11 +285,41 @@ class MaskEncodedSparsification(Codec):
         for i in range(1, b):
             hits &= raw >> i
         hits &= lane_bits
-        if device.type == "cpu":
-            where = torch.from_numpy(np.flatnonzero(hits.numpy()))
-        else:
-            where = flat_nonzero(hits != 0)
+        where = flat_nonzero(hits != 0)
         lane = torch.arange(per, device=device)
         flags = (hits.index_select(0, where).unsqueeze(1) >> (lane * w)) & 1
         pos = (where.unsqueeze(1) * per + lane).view(-1)
         return out.view(-1)[:n], pos.index_select(0, flat_nonzero(flags.view(-1).bool()))
+
+
+_BLOCK = 1 << 19  # elements per block on the CPU: the working set of a few passes fits in cache
+
+
+class _Block(NamedTuple):
+    """A rectangle of the (rows, m) layout, encoded in one go."""
+
+    x: torch.Tensor  # float32 values
+    mag: torch.Tensor  # their magnitudes (x itself for non-negative input)
+    scale: torch.Tensor | None  # (r, 1) (2^b - 1) / Top_min; None if not finite
+    top_min: torch.Tensor  # (r, 1)
+    kept: torch.Tensor  # ascending kept positions, relative to the block's flat view
+
+
+def _blocks(
+    rows: int, m: int, width: int, device: torch.device
+) -> Iterator[tuple[int, int, int, int]]:
+    """(r0, r1, c0, c1) blocks covering the layout in order, each a whole number of bytes.
+
+    On the CPU the quantize-and-pack passes run block by block, so that they stream through
+    the cache instead of memory (about 1.4x faster on 16 MiB); elsewhere one block.
+    """
+    if device.type != "cpu" or rows * m <= _BLOCK:
+        yield 0, rows, 0, m
+    elif rows == 1:
+        for c0 in range(0, m, _BLOCK):  # _BLOCK is a multiple of 8: blocks end on bytes
+            yield 0, 1, c0, min(m, c0 + _BLOCK)
+    else:
+        align = 8 // math.gcd(m * width, 8)  # rows per block: a whole number of bytes
+        step = max(align, _BLOCK // m // align * align)
+        for r0 in range(0, rows, step):
+            yield r0, min(rows, r0 + step), 0, m

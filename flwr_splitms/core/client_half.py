@@ -293,8 +293,8 @@ class SplitClientCore:
         self,
         state: ClientState,
         settings: StepSettings,
-        params: list[torch.Tensor],
-        updates: list[tuple[torch.Tensor | None, ...]],
+        params: Sequence[torch.Tensor],
+        updates: Sequence[Sequence[torch.Tensor | None]],
     ) -> None:
         """SGD with momentum and weight decay, one step per batch, momentum kept in the state."""
         optimizer = torch.optim.SGD(

@@ -1,48 +1,103 @@
-"""ServerApp: the server half of ResNet18, MSSplitStrategy, history.csv and final weights."""
+"""ServerApp: checks the run-config, then trains the server half of ResNet18 with MSSplitStrategy.
 
-import json
+Results go to a fresh folder under ``output-dir`` (``latest`` points at it): ``run.json``,
+``history.csv`` after every round, checkpoints of the last ``keep-checkpoints`` rounds and
+``final_weights.pt``. ``resume=true`` continues the latest run there in place. Any problem stops
+the run with an error, so ``flwr list`` shows it as failed.
+"""
+
 import logging
-from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from flwr_splitms.config import SplitConfig
+from flwr_splitms.checkpoint import (
+    RunState,
+    config_differences,
+    latest_run_state,
+    save_run_state,
+)
+from flwr_splitms.config import SplitConfig, validate
 from flwr_splitms.data import DatasetUnavailableError
-from flwr_splitms.experiment import build_split_model, client_data, evaluation_data
+from flwr_splitms.devices import resolve_device
+from flwr_splitms.experiment import (
+    build_split_model,
+    evaluation_data,
+    num_classes,
+    partition_sizes,
+)
 from flwr_splitms.history import save_history
 from flwr_splitms.protocol import record_to_state, state_to_record
-from flwr_splitms.storage import atomic_write_text, save_checkpoint
-from flwr_splitms.strategy import MSSplitStrategy
+from flwr_splitms.runs import latest_run_dir, new_run_dir, output_root, saved_run_config
+from flwr_splitms.storage import save_checkpoint
+from flwr_splitms.strategy import MSSplitStrategy, wait_for_nodes
 
 log = logging.getLogger("flwr")
 app = ServerApp()
 
 
-def output_dir(config: SplitConfig) -> Path:
-    """Where results go; a relative path starts at the home folder (apps run elsewhere)."""
-    path = Path(config.output_dir).expanduser()
-    return path if path.is_absolute() else Path.home() / path
+class RunConfigError(RuntimeError):
+    """The run cannot start as configured (the lines above say why)."""
+
+
+def fail(problems: list[str]) -> RunConfigError:
+    """Log one line per problem and return the error that stops the run."""
+    for line in problems:
+        log.error("%s", line)
+    return RunConfigError(f"{len(problems)} problem(s) with the run-config: " + "; ".join(problems))
+
+
+def check(run_config: dict, grid: Grid) -> SplitConfig:
+    """The whole run-config, before any data or model is built; then the data against it."""
+    problems = validate(run_config)
+    if problems:
+        raise fail(problems)
+    config = SplitConfig.from_run_config(run_config)
+    try:
+        resolve_device(config.device)
+    except ValueError as err:
+        raise fail([f"device={config.device!r}: {err}"]) from None
+    nodes = wait_for_nodes(grid, config.min_nodes, config.node_wait)
+    try:
+        sizes = partition_sizes(config, nodes)
+    except DatasetUnavailableError as err:
+        raise fail([str(err)]) from None
+    problems = validate(run_config, partition_sizes=sizes)
+    if problems:
+        raise fail(problems)
+    return config
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Train, evaluate after every round, and keep history.csv up to date."""
-    config = SplitConfig.from_run_config(context.run_config)
-    out = output_dir(config)
-    try:
-        evaluation_set = evaluation_data(config)
-        client_data(config, 0, 1)  # fetch the training set once, before the clients ask for it
-    except DatasetUnavailableError as err:
-        log.error("%s", err)
-        raise SystemExit(1) from None
+    """Train, evaluate after every round, checkpoint, and keep history.csv up to date."""
+    run_config = dict(context.run_config)
+    config = check(run_config, grid)
+    root = output_root(config.output_dir)
+    resume: RunState | None = None
+    if config.resume:
+        folder = latest_run_dir(root)
+        if folder is None:
+            raise fail([f"resume=true: no run under {root} to resume; start with resume=false"])
+        differences = config_differences(saved_run_config(folder), config.to_run_config())
+        if differences:
+            raise fail(
+                [f"resume=true: the run-config differs from {folder}: " + ", ".join(differences)]
+            )
+        resume = latest_run_state(folder)
+        log.info("Resuming %s after round %s", folder, resume.server_round if resume else 0)
+    else:
+        folder = new_run_dir(root, context.run_id, config.to_run_config())
+    evaluation_set = evaluation_data(config)
     client_net, server_net = build_split_model(config)
-    strategy = MSSplitStrategy.from_config(config, server_net)
-    atomic_write_text(out / "run.json", json.dumps(config.to_run_config(), indent=2))
-    log.info("Writing history.csv and final weights to %s", out)
+    strategy = MSSplitStrategy.from_config(config, server_net, num_classes=num_classes(config))
+    log.info("Writing history.csv, checkpoints and final weights to %s", folder)
 
     def checkpoint(server_round: int, arrays, row) -> None:  # type: ignore[no-untyped-def]
-        save_history(strategy.history, out / "history.csv")
+        save_history(strategy.history, folder / "history.csv")
+        state = strategy.run_state(server_round, arrays)
+        state.run_config = config.to_run_config()
+        save_run_state(folder, state, keep=config.keep_checkpoints)
 
     strategy.round_callbacks.append(checkpoint)
     result = strategy.start(
@@ -51,14 +106,15 @@ def main(grid: Grid, context: Context) -> None:
         num_rounds=config.num_server_rounds,
         timeout=config.step_timeout,
         evaluate_fn=strategy.central_evaluator(client_net, evaluation_set),
+        resume=resume,
     )
-    save_history(result.history, out / "history.csv")
+    save_history(result.history, folder / "history.csv")
     save_checkpoint(
-        out / "final_weights.pt",
+        folder / "final_weights.pt",
         {
             "client": record_to_state(result.arrays),
             "server": strategy.server_model.state_dict(),
             "run_config": config.to_run_config(),
         },
     )
-    log.info("Done: %s", out / "history.csv")
+    log.info("Done: %s", folder / "history.csv")

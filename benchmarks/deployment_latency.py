@@ -1,0 +1,239 @@
+"""What one split-learning message costs in a real Flower deployment, broken down.
+
+Run by hand (minutes)::
+
+    .venv/bin/python benchmarks/deployment_latency.py            # 2 SuperNodes, K = 1 and 8
+    .venv/bin/python benchmarks/deployment_latency.py --nodes 3 --poll default
+
+It starts a SuperLink and N SuperNodes on loopback (private ``FLWR_HOME``, free ports, runtime
+dependency installation off), runs ``benchmarks/deployment_app`` (the example's ResNet18 split,
+shallow cut, batch 16, synthetic data) once per ``steps-per-message`` K, and stops every process
+it started by PID, also on Ctrl-C or an error. ``--poll`` runs the deployment with Flower's
+default SuperExec task poll (1 s) and/or with ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.05``.
+
+Where each number comes from (all stamps are wall-clock times on this one machine):
+
+* server push       -- ServerApp: ``push_messages`` call to its return.
+* SuperNode poll    -- push returned -> the SuperNode logs "Received" (its idle loop sleeps 3 s
+                       between pulls; includes pulling the message's objects).
+* SuperExec launch  -- "Received" -> the ``flwr-clientapp`` process exists (SuperExec's task poll,
+                       ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, default 1 s, plus fork/exec).
+* start+flwr import -- process created -> it logs "Start FAB installation" (interpreter, Flower
+                       imports, pulling message, context and bundle from the SuperNode).
+* bundle install    -- "Start FAB installation" -> "Start ClientApp Loading".
+* app import        -- importing the app module (torch, torchvision, flwr_splitms): measured
+                       inside the process (``client_app.py`` stamps before and after).
+* app build         -- model and data built in this process (``build-seconds``).
+* handler           -- the handler minus the build (forward/backward, codec, reading and writing
+                       ``context.state``; its size is printed as "state KB").
+* reply to SuperNode-- handler end -> the SuperNode logs "Sending" (pushing reply and context,
+                       process exit, the SuperNode's 0.5 s reply poll). Derived.
+* to server         -- "Sending" -> the ServerApp pulled the reply (SuperNode -> SuperLink, the
+                       ServerApp's pull loop). Derived.
+* server compute    -- ServerApp time between exchanges (server half steps, codecs, messages).
+
+Columns are medians over the nodes' messages after the first of each run (the first message
+builds the model and data); "message" is push-to-last-reply per exchange (median), and "per
+step" is the run's training time divided by its steps, the number the targets are about
+(K = 1: <= 6 s; K = 8: <= 1.5 s amortized).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from flower_processes import Deployment, flower_env, run_config_string  # noqa: E402
+
+APP = Path(__file__).resolve().parent / "deployment_app"
+POLLS = {"default": None, "fast": "0.05"}
+_LINE = re.compile(r"(DEBUG|INFO|WARNING|ERROR)\s+(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})(.*)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+COLUMNS = (
+    ("server push", "push"),
+    ("SuperNode poll", "poll"),
+    ("SuperExec launch", "launch"),
+    ("start+flwr import", "start"),
+    ("bundle install", "install"),
+    ("app import", "import"),
+    ("app build", "build"),
+    ("handler", "handler"),
+    ("reply to SuperNode", "reply"),
+    ("to server", "deliver"),
+    ("server compute", "server"),
+)
+
+
+def node_events(log: str) -> list[dict[str, float]]:
+    """Per message a SuperNode handled, the stamps of its log lines (needs FLWR_LOG_LEVEL=DEBUG)."""
+    events: list[dict[str, float]] = []
+    for raw in log.splitlines():
+        match = _LINE.search(_ANSI.sub("", raw))
+        if not match:
+            continue
+        stamp = datetime.strptime(match.group(2), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        text = match.group(3)
+        if "Received:" in text and "split" in text:
+            events.append({"received": stamp})
+        elif events and "Start FAB installation" in text:
+            events[-1].setdefault("fab", stamp)
+        elif events and "Start `ClientApp` Loading" in text:
+            events[-1].setdefault("loading", stamp)
+        elif events and "Sending:" in text:
+            events[-1].setdefault("sending", stamp)
+    return events
+
+
+def _match(events: list[dict[str, float]], handler_start: float) -> dict[str, float]:
+    """The SuperNode's record of the message whose handler started at ``handler_start``."""
+    before = [e for e in events if e["received"] <= handler_start]
+    return before[-1] if before else {}
+
+
+def breakdown(timing: dict[str, Any], logs: dict[int, list[dict[str, float]]]) -> dict[str, float]:
+    """Median seconds per component over the run's messages (first message of a node left out)."""
+    parts: dict[str, list[float]] = {key: [] for _, key in COLUMNS}
+    parts["message"], parts["first"] = [], []
+    exchanges = timing["exchanges"]
+    previous_return = timing["started"]
+    seen: set[int] = set()
+    for exchange in exchanges:
+        parts["server"].append(exchange["entered"] - previous_return)
+        previous_return = exchange["returned"]
+        last = max((r["arrived"] for r in exchange["replies"].values()), default=exchange["pushed"])
+        parts["message"].append(last - exchange["entered"])
+        for reply in exchange["replies"].values():
+            cid = int(reply.get("client-id", -1))
+            if cid not in seen:
+                seen.add(cid)
+                parts["first"].append(reply["arrived"] - exchange["entered"])
+                continue
+            log = _match(logs.get(cid, []), reply["bench.handler-start"])
+            handler = reply["bench.handler-end"] - reply["bench.handler-start"]
+            parts["push"].append(exchange["pushed"] - exchange["entered"])
+            parts["import"].append(reply["bench.import-end"] - reply["bench.import-start"])
+            parts["build"].append(reply["build-seconds"])
+            parts["handler"].append(handler - reply["build-seconds"])
+            if {"received", "fab", "loading", "sending"} <= set(log):
+                parts["poll"].append(log["received"] - exchange["pushed"])
+                parts["launch"].append(reply["bench.created"] - log["received"])
+                parts["start"].append(log["fab"] - reply["bench.created"])
+                parts["install"].append(log["loading"] - log["fab"])
+                parts["reply"].append(log["sending"] - reply["bench.handler-end"])
+                parts["deliver"].append(reply["arrived"] - log["sending"])
+    steps = sum(int(row.get("steps", 0)) for row in timing["history"])
+    train = exchanges[-1]["returned"] - exchanges[0]["entered"] if exchanges else float("nan")
+    out = {k: statistics.median(v) if v else float("nan") for k, v in parts.items()}
+    out["per step"] = train / max(steps, 1)
+    out["steps"] = float(steps)
+    out["exchanges"] = float(len(exchanges))
+    states = [r.get("bench.state-bytes", 0.0) for e in exchanges for r in e["replies"].values()]
+    out["state KB"] = max(states, default=0.0) / 1e3
+    return out
+
+
+def run_setting(
+    poll: str, ks: list[int], args: argparse.Namespace, workdir: Path
+) -> list[dict[str, Any]]:
+    """Start a deployment with SuperExec poll setting ``poll``; one run per K; stop it."""
+    extra = {"FLWR_LOG_LEVEL": "DEBUG"}
+    if POLLS[poll] is not None:
+        extra["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(POLLS[poll])
+    env = flower_env(workdir / "flwr-home", **extra)
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+    rows = []
+    with Deployment(workdir, env) as dep:
+        dep.start_superlink()
+        dep.start_supernodes(args.nodes)
+        dep.wait_ready()
+        for k in ks:
+            steps = max(args.steps, 2 * k)
+            timing_file = workdir / f"timing-{poll}-{k}.json"
+            config = run_config_string(
+                {
+                    "synthetic-size": args.synthetic_size,
+                    "data-root": str(workdir / "data"),
+                    "steps-per-round": steps,
+                    "steps-per-message": k,
+                    "min-nodes": args.nodes,
+                    "timing-file": str(timing_file),
+                }
+            )
+            tic = time.monotonic()
+            done = dep.flwr_run(APP, config, timeout=args.timeout)
+            wall = time.monotonic() - tic
+            if done.returncode != 0 or not timing_file.exists():
+                raise RuntimeError(f"run K={k} failed:\n{done.stdout}{done.stderr}{dep.tails()}")
+            timing = json.loads(timing_file.read_text())
+            logs = {i: node_events(dep.log(f"supernode{i}")) for i in range(args.nodes)}
+            row = breakdown(timing, logs)
+            rows.append({"poll": poll, "K": k, "flwr run s": wall, **row})
+            print(f"  done: poll={poll} K={k} ({wall:.0f} s)", file=sys.stderr, flush=True)
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    """Markdown table: one row per (poll setting, K), seconds unless named otherwise."""
+    heads = ["SuperExec poll", "K", "per step", "message", "first msg"]
+    heads += [name for name, _ in COLUMNS] + ["state KB"]
+    keys = ["poll", "K", "per step", "message", "first"] + [k for _, k in COLUMNS] + ["state KB"]
+    print("| " + " | ".join(heads) + " |")
+    print("|" + "|".join("---" for _ in heads) + "|")
+    for row in rows:
+        cells = []
+        for key in keys:
+            value = row[key]
+            if key == "poll":
+                value = POLLS[value] or "1 (default)"
+            cells.append(f"{value:.2f}" if isinstance(value, float) else str(value))
+        print("| " + " | ".join(cells) + " |")
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(f"stopped by signal {signum}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=2, help="SuperNodes (default 2)")
+    parser.add_argument("--k", type=int, nargs="+", default=[1, 8], help="steps-per-message")
+    parser.add_argument("--steps", type=int, default=4, help="steps per round (>= 2K is used)")
+    parser.add_argument("--synthetic-size", type=int, default=5000)
+    parser.add_argument("--poll", choices=["default", "fast", "both"], default="both")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    polls = ["default", "fast"] if args.poll == "both" else [args.poll]
+    print(
+        f"# {args.nodes} SuperNodes on loopback, ResNet18 shallow, batch 16, synthetic "
+        f"{args.synthetic_size} images; {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
+        file=sys.stderr,
+    )
+    rows: list[dict[str, Any]] = []
+    for poll in polls:
+        with tempfile.TemporaryDirectory(prefix="flwr-bench-") as tmp:
+            rows += run_setting(poll, args.k, args, Path(tmp))
+    print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
