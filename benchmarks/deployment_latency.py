@@ -87,7 +87,7 @@ def node_events(log: str) -> list[dict[str, float]]:
             continue
         stamp = datetime.strptime(match.group(2), "%Y-%m-%d %H:%M:%S,%f").timestamp()
         text = match.group(3)
-        if "Received:" in text and "split" in text:
+        if "Receiving:" in text and "split" in text:
             events.append({"received": stamp})
         elif events and "Start FAB installation" in text:
             events[-1].setdefault("fab", stamp)

@@ -39,6 +39,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -48,6 +49,7 @@ from typing import Any
 import torch
 
 from flwr_splitms import protocol as P
+from flwr_splitms.client import SplitClient
 from flwr_splitms.codecs import Codec, Payload
 from flwr_splitms.codecs.downlink import MaskGradCodec, PayloadGradCodec
 from flwr_splitms.config import SplitConfig
@@ -235,7 +237,39 @@ def measure_local(config: SplitConfig, clients: int) -> dict[str, float]:
     return row
 
 
-def _split_client_app(config: SplitConfig) -> Any:
+class ProcessCachedSplitClient(SplitClient):
+    """``SplitClient`` that Ray can ship to its actors, with a per-process cache of the cores.
+
+    Ray pickles the ClientApp with every message it hands an actor, so a cache held by the
+    instance arrives empty every time (and ``SplitClient``'s ``threading.Lock`` cannot be
+    pickled at all). Here the lock and the cache are dropped when pickled and, with
+    ``process_cache=True``, re-attached from a store on the (imported, not pickled)
+    ``flwr_splitms.client`` module, so an actor keeps its nodes' cores between messages.
+    """
+
+    def __init__(self, *args: Any, process_cache: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.process_cache = process_cache
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        state.pop("_cores", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        import flwr_splitms.client as module
+
+        self.__dict__.update(state)
+        if not self.process_cache:
+            self._cores, self._lock = {}, threading.Lock()
+            return
+        if not hasattr(module, "_bench_process_cache"):
+            module._bench_process_cache = ({}, threading.Lock())  # type: ignore[attr-defined]
+        self._cores, self._lock = module._bench_process_cache  # type: ignore[attr-defined]
+
+
+def _split_client_app(config: SplitConfig, process_cache: bool) -> Any:
     """A ClientApp of the split protocol that also reports its codec time (for this benchmark).
 
     Runs in the Ray actors: the timers are installed there on the first message (the marker
@@ -244,7 +278,6 @@ def _split_client_app(config: SplitConfig) -> Any:
     from flwr.app import Context, Message
     from flwr.clientapp import ClientApp
 
-    from flwr_splitms.client import SplitClient
     from flwr_splitms.experiment import build_split_model, client_data
 
     def model_fn(context: Context) -> torch.nn.Module:
@@ -254,7 +287,7 @@ def _split_client_app(config: SplitConfig) -> Any:
         node = context.node_config
         return client_data(config, int(node["partition-id"]), int(node["num-partitions"]))
 
-    split = SplitClient(model_fn, data_fn, device="cpu")
+    split = ProcessCachedSplitClient(model_fn, data_fn, device="cpu", process_cache=process_cache)
     app = ClientApp()
 
     def actor_timers() -> StepTimers:
@@ -282,7 +315,9 @@ def _split_client_app(config: SplitConfig) -> Any:
     return app
 
 
-def measure_flower(config: SplitConfig, clients: int, num_cpus: float) -> dict[str, float]:
+def measure_flower(
+    config: SplitConfig, clients: int, num_cpus: float, process_cache: bool = True
+) -> dict[str, float]:
     """Per-step figures of Flower's simulation engine, rounds 2..R."""
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
@@ -333,7 +368,7 @@ def measure_flower(config: SplitConfig, clients: int, num_cpus: float) -> dict[s
         try:
             run_simulation(
                 server_app=server,
-                client_app=_split_client_app(config),
+                client_app=_split_client_app(config, process_cache),
                 num_supernodes=clients,
                 backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": 0.0}},
             )
@@ -358,6 +393,7 @@ def measure_flower(config: SplitConfig, clients: int, num_cpus: float) -> dict[s
     }
 
 
+ENGINES = ("local", "flower", "flower-nocache")
 COLUMNS = ("wall", "client", "client build", "client codec", "server", "server codec", "messaging", "other")
 
 
@@ -372,7 +408,7 @@ def table(rows: list[tuple[int, str, dict[str, float]]]) -> str:
         critical = r["critical client"] + r["server"] + r["server codec"] + r["messaging"]
         values = {**r, "other": r["wall"] - critical}
         ratio = ""
-        if engine == "flower" and batch in local_wall:
+        if engine != "local" and batch in local_wall:
             ratio = f"{r['wall'] / local_wall[batch]:.2f}x"
         cells = " | ".join(f"{values[c]:.3f}" for c in COLUMNS)
         lines.append(f"| {batch} | {engine} | {cells} | {ratio} |")
@@ -385,7 +421,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--steps", type=int, default=4, help="steps per round")
     parser.add_argument("--rounds", type=int, default=2, help="round 1 is the warm-up")
-    parser.add_argument("--engines", nargs="+", default=["local", "flower"])
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        default=["local", "flower"],
+        help="flower-nocache: the ClientApp rebuilds its core (model, data) in every message",
+    )
     parser.add_argument("--grad-codec", default="none")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (local)")
     parser.add_argument("--num-cpus", type=float, default=1.0, help="Ray CPUs per ClientApp")
@@ -396,9 +437,9 @@ def main(argv: list[str] | None = None) -> None:
         args.batches, args.clients, args.steps = [4], 2, 2
     if args.rounds < 2:
         parser.error("--rounds must be >= 2: round 1 is the warm-up and is not reported")
-    unknown = set(args.engines) - {"local", "flower"}
+    unknown = set(args.engines) - set(ENGINES)
     if unknown:
-        parser.error(f"unknown engine(s) {sorted(unknown)}; choose from local, flower")
+        parser.error(f"unknown engine(s) {sorted(unknown)}; choose from {', '.join(ENGINES)}")
     torch.set_num_threads(args.threads)
     print(f"# step_time: {' '.join(sys.argv[1:]) or '(defaults)'}")
     print(f"machine: {machine_line(args.threads)}")
@@ -411,7 +452,8 @@ def main(argv: list[str] | None = None) -> None:
                 if engine == "local":
                     row = measure_local(config, args.clients)
                 else:
-                    row = measure_flower(config, args.clients, args.num_cpus)
+                    cached = engine == "flower"
+                    row = measure_flower(config, args.clients, args.num_cpus, cached)
                 print(
                     f"batch {batch} {engine}: {row['wall']:.3f} s/step "
                     f"(run took {time.perf_counter() - tic:.0f} s)",

@@ -8,6 +8,7 @@ walks the process tree of each PID started here (a SuperNode's ``flower-superexe
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -49,28 +50,25 @@ def flower_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def stop_tree(pid: int, timeout: float = 15.0) -> None:
+def stop_tree(pid: int, timeout: float = 15.0, *, kill: bool = False) -> None:
     """Stop process ``pid`` and all its descendants: SIGTERM, then SIGKILL after ``timeout``.
 
+    ``kill=True`` sends SIGKILL at once (a machine that vanished, no goodbye to the SuperLink).
     The descendants are listed before the parent is signalled: once it is gone they are
     re-parented and could no longer be found from it.
     """
     try:
         root = psutil.Process(pid)
-        procs = [*root.children(recursive=True), root]
+        procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return
-    for proc in reversed(procs):  # the parent first, so it does not respawn children
-        try:
-            proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in procs:  # the parent first, so that it does not start new children
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill() if kill else proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=0 if kill else timeout)
     for proc in alive:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(alive, timeout=5)
 
 
@@ -214,10 +212,10 @@ class Deployment:
             env=self.env, capture_output=True, text=True, timeout=timeout, cwd=self.workdir,
         )  # fmt: skip
 
-    def stop(self, name: str) -> None:
-        """Stop process ``name`` and its children."""
+    def stop(self, name: str, *, kill: bool = False) -> None:
+        """Stop process ``name`` and its children (``kill``: SIGKILL, no clean shutdown)."""
         proc = self.procs.pop(name)
-        stop_tree(proc.pid)
+        stop_tree(proc.pid, kill=kill)
         proc.wait(timeout=5)
 
     def stop_all(self) -> None:

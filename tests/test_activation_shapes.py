@@ -78,8 +78,8 @@ def build_nets(rank: int, dtype: str, dropout: float = 0.0) -> tuple[nn.Module, 
             nn.TransformerEncoderLayer(8, 2, 16, dropout=dropout, batch_first=True),
         )
         server = nn.Sequential(MeanOverTokens(), nn.Linear(8, NUM_CLASSES))
-    if dtype == "autocast":
-        client = Autocast(client)
+    if dtype == "autocast":  # a last Linear: autocast's LayerNorm alone would give float32
+        client = Autocast(client if rank == 2 else nn.Sequential(client, nn.Linear(8, 8)))
     elif dtype != "float32":
         client = nn.Sequential(client, CastTo(getattr(torch, dtype)))
     return client, server
@@ -135,16 +135,16 @@ def run_both(
 
 
 def config_for(codec: str, **changes: object) -> SplitConfig:
-    return SplitConfig(
-        codec=codec,
-        batch_size=4,
-        steps_per_round=2,
-        num_server_rounds=2,
-        lr=0.05,
-        seed=3,
-        device="cpu",
-        **changes,
-    )
+    """Two rounds of two steps, batches of 4, on the CPU."""
+    settings: dict[str, object] = {
+        "batch_size": 4,
+        "steps_per_round": 2,
+        "num_server_rounds": 2,
+        "lr": 0.05,
+        "seed": 3,
+        "device": "cpu",
+    }
+    return SplitConfig(codec=codec, **{**settings, **changes})
 
 
 @pytest.mark.parametrize("codec", CODECS)

@@ -22,12 +22,21 @@ DEFAULTS = {
     "qu": {"bits": 3},
     "sp": {"ratio": 0.99},
     "rt": {"ratio": 0.99, "alpha": 0.1},
-    "ms": {"ratio": 0.99, "bits": 2, "rounding": "nearest", "signed": "auto", "scope": "tensor"},
+    "ms": {
+        "ratio": 0.99,
+        "bits": 2,
+        "rounding": "nearest",
+        "signed": "auto",
+        "scope": "tensor",
+        "entropy": "none",
+    },
+    "fp16": {},
+    "bf16": {},
 }
 
 
 def test_public_names_and_order() -> None:
-    assert codec_names() == ("none", "qu", "sp", "rt", "ms")
+    assert codec_names() == ("none", "qu", "sp", "rt", "ms", "fp16", "bf16")
     assert issubclass(PayloadError, ValueError)
     for name in codec_names():
         codec = get_codec(name)
@@ -54,6 +63,7 @@ def test_params_are_normalized() -> None:
         "rounding": "floor",
         "signed": True,
         "scope": "sample",
+        "entropy": "none",
     }
     assert get_codec("sp", ratio=1 / 2).params["ratio"] == 0.5
     assert get_codec("rt", alpha=0).params["alpha"] == 0.0

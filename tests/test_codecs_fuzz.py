@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import random
+import resource
 import struct
+import time
+import tracemalloc
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flwr_splitms.codecs import Payload, PayloadError, decode_bytes, get_codec
+from flwr_splitms.codecs import Payload, PayloadError, codec_names, decode_bytes, get_codec
 
 
 def corpus() -> list[bytes]:
@@ -37,6 +40,7 @@ def corpus() -> list[bytes]:
         get_codec("ms", ratio=0.5, bits=8, rounding="floor"),
         get_codec("ms", ratio=0.6, bits=3, signed=True, scope="sample"),
     ]
+    codecs += [get_codec(name) for name in codec_names() if name not in ("none", "qu", "sp", "rt")]
     return [c.encode(x, generator=g).to_bytes() for c in codecs for x in tensors]
 
 
@@ -93,13 +97,58 @@ def mutate(rng: random.Random, blob: bytes) -> bytes:
     return bytes(b)
 
 
-def test_random_mutations() -> None:
+MUTATIONS_PER_CODEC = 10_000
+DECODE_CAP = 1 << 16  # elements: bigger declared shapes are parsed but not decoded here
+
+
+def test_random_mutations_of_every_codec_at_scale() -> None:
+    """10,000 mutated payloads per registered codec: only PayloadError may come out.
+
+    Memory stays bounded: ``from_bytes`` allocates at most about the blob's length whatever
+    the header declares (traced with tracemalloc), and the process's peak RSS does not grow by
+    more than a few MiB over the whole run.
+    """
     rng = random.Random(20240813)
-    decoded = 0
-    for _ in range(4000):
-        if check_outcome(mutate(rng, rng.choice(CORPUS))):
-            decoded += 1
-    assert 0 < decoded < 4000  # some mutations hit value bytes and still decode
+    by_codec: dict[str, list[bytes]] = {}
+    for blob in CORPUS:
+        by_codec.setdefault(Payload.from_bytes(blob).codec, []).append(blob)
+    assert set(by_codec) == set(codec_names())
+    start = time.perf_counter()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    outcomes = dict.fromkeys(["rejected", "decoded", "too large to decode"], 0)
+    tracemalloc.start()
+    try:
+        for name in codec_names():
+            for _ in range(MUTATIONS_PER_CODEC):
+                blob = mutate(rng, rng.choice(by_codec[name]))
+                tracemalloc.reset_peak()
+                base = tracemalloc.get_traced_memory()[0]
+                try:
+                    payload = Payload.from_bytes(blob)
+                except PayloadError:
+                    outcomes["rejected"] += 1
+                    continue
+                finally:
+                    peak = tracemalloc.get_traced_memory()[1] - base
+                    assert peak <= 2 * len(blob) + 16_384, (peak, len(blob))
+                if payload.numel > DECODE_CAP:
+                    outcomes["too large to decode"] += 1
+                    continue
+                codec = get_codec(payload.codec, **payload.params)
+                try:
+                    y = codec.decode(payload)
+                except PayloadError:
+                    outcomes["rejected"] += 1
+                    continue
+                assert tuple(y.shape) == payload.shape and y.dtype == payload.dtype
+                outcomes["decoded"] += 1
+    finally:
+        tracemalloc.stop()
+    rss_growth_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    assert rss_growth_mib < 64, rss_growth_mib
+    assert outcomes["rejected"] > 0 and outcomes["decoded"] > 0, outcomes
+    assert sum(outcomes.values()) == MUTATIONS_PER_CODEC * len(codec_names())
+    assert time.perf_counter() - start < 120  # about 20 s on one core
 
 
 @settings(max_examples=300, deadline=None)

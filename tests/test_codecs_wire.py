@@ -14,13 +14,13 @@ import torch
 from flwr_splitms.codecs import Payload, PayloadError, decode_bytes, get_codec
 
 FIXED = struct.Struct("<4sBBBBBBH")
-PARAMS = {"none": "", "qu": "B", "sp": "d", "rt": "dd", "ms": "dBBBB"}
+PARAMS = {"none": "", "qu": "B", "sp": "d", "rt": "dd", "ms": "dBBBBB"}
 IDS = {"none": 0, "qu": 1, "sp": 2, "rt": 3, "ms": 4}
 
 
 def blob_for(
     codec: str = "ms",
-    params: tuple[object, ...] = (0.75, 2, 0, 0, 0),
+    params: tuple[object, ...] = (0.75, 2, 0, 0, 0, 0),
     shape: tuple[int, ...] = (16,),
     sections: tuple[bytes, ...] = (b"\xff" + b"\x00" * 3, b"\x00\x00\x80?" * 4),
     *,
@@ -62,7 +62,7 @@ def test_hand_written_blob_decodes() -> None:
 
 def test_header_layout_and_overhead() -> None:
     x = torch.relu(torch.randn(2, 3, 4, 5))
-    expected = {"none": 52, "qu": 61, "sp": 68, "rt": 76, "ms": 72}
+    expected = {"none": 52, "qu": 61, "sp": 68, "rt": 76, "ms": 73}
     for name, overhead in expected.items():
         p = get_codec(name).encode(x)
         blob = p.to_bytes()
@@ -75,8 +75,8 @@ def test_header_layout_and_overhead() -> None:
         assert struct.unpack_from("<4Q", blob, off) == (2, 3, 4, 5)
     # overhead grows by 8 bytes per dimension
     one_d = get_codec("ms").encode(x.reshape(-1))
-    assert one_d.header_nbytes == 40 + 8
-    assert get_codec("ms").encode(torch.tensor(1.0)).header_nbytes == 40
+    assert one_d.header_nbytes == 41 + 8
+    assert get_codec("ms").encode(torch.tensor(1.0)).header_nbytes == 41
 
 
 @pytest.mark.parametrize(
@@ -120,20 +120,20 @@ def test_from_bytes_accepts_buffers() -> None:
         (blob_for(codec_id=9), "unknown codec id 9"),
         (blob_for(dtype=3), "unknown dtype code 3"),
         (blob_for(nsec=3, lengths=(4, 16, 0)), "has 2 data sections, the header declares 3"),
-        (blob_for(plen=11), "parameters take 12 bytes, the header declares 11"),
-        (blob_for(params=(1.5, 2, 0, 0, 0)), r"invalid 'ms' parameters.*ratio must be in"),
-        (blob_for(params=(0.75, 0, 0, 0, 0)), r"bits must be in 1\.\.8"),
-        (blob_for(params=(0.75, 2, 2, 0, 0)), "rounding: no choice has wire index 2"),
-        (blob_for(params=(0.75, 2, 0, 3, 0)), "signed: no choice"),
-        (blob_for(params=(float("nan"), 2, 0, 0, 0)), "ratio"),
+        (blob_for(plen=12), "parameters take 13 bytes, the header declares 12"),
+        (blob_for(params=(1.5, 2, 0, 0, 0, 0)), r"invalid 'ms' parameters.*ratio must be in"),
+        (blob_for(params=(0.75, 0, 0, 0, 0, 0)), r"bits must be in 1\.\.8"),
+        (blob_for(params=(0.75, 2, 2, 0, 0, 0)), "rounding: no choice has wire index 2"),
+        (blob_for(params=(0.75, 2, 0, 3, 0, 0)), "signed: no choice"),
+        (blob_for(params=(float("nan"), 2, 0, 0, 0, 0)), "ratio"),
         (blob_for() + b"\x00", "1 bytes of trailing garbage"),
         (blob_for()[:-1], "truncated payload: header declares 20 data bytes, 19 present"),
         (blob_for(lengths=(5, 15)), "inconsistent section lengths"),
         (blob_for(lengths=(2**63, 0)), "truncated"),
         (blob_for(shape=(15,)), "inconsistent section lengths"),
         (blob_for(flags=2), "no flag bits"),
-        (blob_for(params=(0.75, 2, 0, 2, 0), flags=1), "contradicts signed=False"),
-        (blob_for(params=(0.75, 2, 0, 1, 0), flags=0), "contradicts signed=True"),
+        (blob_for(params=(0.75, 2, 0, 2, 0, 0), flags=1), "contradicts signed=False"),
+        (blob_for(params=(0.75, 2, 0, 1, 0, 0), flags=0), "contradicts signed=True"),
         (blob_for(shape=(2**40,)), "limit is 2147483648"),
         (blob_for(shape=(2**31 + 1,)), "limit"),
         (blob_for(shape=(2**63, 2**63, 2**63)), "limit"),

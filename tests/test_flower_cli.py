@@ -139,7 +139,7 @@ def test_lost_supernode_costs_only_its_round(tmp_path: Path, env: dict[str, str]
             dep.wait_for(
                 lambda: "train.split_step" in dep.log("supernode2"), "round 1's first step", 180
             )
-            dep.stop("supernode2")
+            dep.stop("supernode2", kill=True)
             out, _ = run.communicate(timeout=300)
         finally:
             if run.poll() is None:
@@ -164,7 +164,7 @@ def _alive(pid: int) -> bool:
 def test_stop_tree_stops_children_only_of_its_pid(tmp_path: Path) -> None:
     """``stop_tree`` ends a process and its children, and leaves a sibling alone."""
     sleep = "import time; time.sleep(60)"
-    spawn = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {sleep!r}]); {sleep}"
+    spawn = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {sleep!r}]); {sleep}"
     parent = subprocess.Popen([sys.executable, "-c", spawn])
     sibling = subprocess.Popen([sys.executable, "-c", sleep])
     try:
