@@ -14,7 +14,8 @@ round trip), ``encode_measured`` (encode plus the compression error), then basel
   warm (after warm-up runs, so the allocator reuses pages instead of faulting fresh ones in).
 
 Each time is the median over ``--reps`` runs after two warm-up runs; "min" columns give the
-fastest run, the better estimate on a shared, loaded machine. "x clone" is total / clone.
+fastest run. "x clone" is total / clone. On a shared, loaded machine wall times measure the
+queue for a core as much as the code: ``--clock cpu --threads 1`` times the CPU work alone.
 
 Why a clone can read 8 ms instead of 0.9 ms: with 2 intra-op threads on a machine whose cores
 are busy, every parallel kernel waits for its second thread to be scheduled (a scheduler time
@@ -40,15 +41,22 @@ from flwr_splitms.codecs import Codec, Payload, codec_names, compression_error, 
 BASE_CODECS = ("none", "qu", "sp", "rt", "ms")
 
 
+CLOCKS: dict[str, Callable[[], float]] = {
+    "wall": time.perf_counter,
+    "cpu": time.process_time,  # CPU time of all threads: immune to waiting for a busy core
+}
+clock = CLOCKS["wall"]
+
+
 def timed(fn: Callable[[], object], reps: int) -> tuple[float, float]:
-    """(median, min) wall time in ms over ``reps`` runs after two warm-up runs."""
+    """(median, min) time in ms over ``reps`` runs after two warm-up runs."""
     fn()
     fn()
     times = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times) * 1e3, min(times) * 1e3
 
 
@@ -95,6 +103,25 @@ def codec_row(codec: Codec, x: torch.Tensor, g: torch.Generator, reps: int) -> R
     return codec.name, times, len(blob), err
 
 
+def baseline_rows(x: torch.Tensor, g: torch.Generator, reps: int) -> list[Row]:
+    """``ms`` with ``encode_measured``, and the authors'-code-style reference."""
+    codec = get_codec("ms")
+    none = (0.0, 0.0)
+    measured = [timed(lambda: codec.encode_measured(x, generator=g), reps), none, none, none]
+    shape, vector, mask = reference_ms_encode(x)
+    ref = [
+        timed(lambda: reference_ms_encode(x), reps),
+        none,
+        none,
+        timed(lambda: reference_ms_decode(shape, vector, mask), reps),
+    ]
+    ref_err = compression_error(x, reference_ms_decode(shape, vector, mask))
+    return [
+        ("ms measured", measured, 0, codec.encode_measured(x)[1]),
+        ("ms-reference", ref, 4 * (mask.numel() + vector.numel()), ref_err),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=15)
@@ -103,7 +130,15 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--codecs", nargs="+", default=list(BASE_CODECS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall time, or CPU time (on a loaded shared machine, with --threads 1)",
+    )
     args = parser.parse_args()
+    global clock
+    clock = CLOCKS[args.clock]
     unknown = set(args.codecs) - set(codec_names())
     if unknown:
         parser.error(f"unknown codecs {sorted(unknown)}; choose from {codec_names()}")
@@ -114,7 +149,8 @@ def main() -> None:
     print(
         f"shape {tuple(x.shape)} float32 ReLU ({raw / 2**20:.0f} MiB) on {x.device}, torch "
         f"{torch.__version__}, {os.cpu_count()} CPU(s), "
-        f"{platform.processor() or platform.machine()}, median (min) of {args.reps}, "
+        f"{platform.processor() or platform.machine()}, {args.clock} time, "
+        f"median (min) of {args.reps}, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
     header = (
@@ -126,30 +162,14 @@ def main() -> None:
         faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         clone_med, clone_min = timed(x.clone, args.reps)
         faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / (args.reps + 2)
-        print(f"\n{threads} thread(s); warm clone {clone_med:.2f} ms (min {clone_min:.2f}), "
-              f"{faults:.0f} minor page faults per clone")
+        print(
+            f"\n{threads} thread(s); warm clone {clone_med:.2f} ms (min {clone_min:.2f}), "
+            f"{faults:.0f} minor page faults per clone"
+        )
         print(header)
         print("-" * len(header))
         rows = [codec_row(get_codec(name), x, g, args.reps) for name in args.codecs]
-        ms = get_codec("ms")
-        rows.append(
-            (
-                "ms measured",
-                [timed(lambda: ms.encode_measured(x, generator=g), args.reps), (0, 0), (0, 0),
-                 (0, 0)],
-                0,
-                ms.encode_measured(x)[1],
-            )
-        )
-        shape, vector, mask = reference_ms_encode(x)
-        ref = [
-            timed(lambda: reference_ms_encode(x), args.reps),
-            (0.0, 0.0),
-            (0.0, 0.0),
-            timed(lambda: reference_ms_decode(shape, vector, mask), args.reps),
-        ]
-        ref_err = compression_error(x, reference_ms_decode(shape, vector, mask))
-        rows.append(("ms-reference", ref, 4 * (mask.numel() + vector.numel()), ref_err))
+        rows += baseline_rows(x, g, args.reps)
         for name, times, nbytes, err in rows:
             total_med = sum(t[0] for t in times)
             total_min = sum(t[1] for t in times)

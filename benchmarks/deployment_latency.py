@@ -18,8 +18,9 @@ Where each number comes from (all stamps are wall-clock times on this one machin
                        between pulls; includes pulling the message's objects).
 * SuperExec launch  -- "Received" -> the ``flwr-clientapp`` process exists (SuperExec's task poll,
                        ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, default 1 s, plus fork/exec).
-* start+flwr import -- process created -> it logs "Start FAB installation" (interpreter, Flower
-                       imports, pulling message, context and bundle from the SuperNode).
+* start+flwr import -- process created -> it logs "Start `flwr-clientapp` process" (interpreter
+                       start and Flower's imports).
+* pull task         -- -> "Start FAB installation" (message, context and bundle from the SuperNode).
 * bundle install    -- "Start FAB installation" -> "Start ClientApp Loading".
 * app import        -- importing the app module (torch, torchvision, flwr_splitms): measured
                        inside the process (``client_app.py`` stamps before and after).
@@ -65,9 +66,10 @@ _LINE = re.compile(r"(DEBUG|INFO|WARNING|ERROR)\s+(\d{4}-\d\d-\d\d \d\d:\d\d:\d\
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 COLUMNS = (
     ("server push", "push"),
-    ("SuperNode poll", "poll"),
+    ("SuperNode poll", "node-poll"),
     ("SuperExec launch", "launch"),
     ("start+flwr import", "start"),
+    ("pull task", "pull"),
     ("bundle install", "install"),
     ("app import", "import"),
     ("app build", "build"),
@@ -89,6 +91,8 @@ def node_events(log: str) -> list[dict[str, float]]:
         text = match.group(3)
         if "Receiving:" in text and "split" in text:
             events.append({"received": stamp})
+        elif events and "Start `flwr-clientapp` process" in text:
+            events[-1].setdefault("clientapp", stamp)
         elif events and "Start FAB installation" in text:
             events[-1].setdefault("fab", stamp)
         elif events and "Start `ClientApp` Loading" in text:
@@ -128,10 +132,11 @@ def breakdown(timing: dict[str, Any], logs: dict[int, list[dict[str, float]]]) -
             parts["import"].append(reply["bench.import-end"] - reply["bench.import-start"])
             parts["build"].append(reply["build-seconds"])
             parts["handler"].append(handler - reply["build-seconds"])
-            if {"received", "fab", "loading", "sending"} <= set(log):
-                parts["poll"].append(log["received"] - exchange["pushed"])
+            if {"received", "clientapp", "fab", "loading", "sending"} <= set(log):
+                parts["node-poll"].append(log["received"] - exchange["pushed"])
                 parts["launch"].append(reply["bench.created"] - log["received"])
-                parts["start"].append(log["fab"] - reply["bench.created"])
+                parts["start"].append(log["clientapp"] - reply["bench.created"])
+                parts["pull"].append(log["fab"] - log["clientapp"])
                 parts["install"].append(log["loading"] - log["fab"])
                 parts["reply"].append(log["sending"] - reply["bench.handler-end"])
                 parts["deliver"].append(reply["arrived"] - log["sending"])
@@ -150,6 +155,7 @@ def run_setting(
     poll: str, ks: list[int], args: argparse.Namespace, workdir: Path
 ) -> list[dict[str, Any]]:
     """Start a deployment with SuperExec poll setting ``poll``; one run per K; stop it."""
+    workdir.mkdir(parents=True, exist_ok=True)
     extra = {"FLWR_LOG_LEVEL": "DEBUG"}
     if POLLS[poll] is not None:
         extra["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(POLLS[poll])
@@ -217,6 +223,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument(
+        "--workdir", type=Path, help="keep logs and timing files here (default: a temp folder)"
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     polls = ["default", "fast"] if args.poll == "both" else [args.poll]
@@ -228,6 +237,9 @@ def main() -> None:
     )
     rows: list[dict[str, Any]] = []
     for poll in polls:
+        if args.workdir:
+            rows += run_setting(poll, args.k, args, args.workdir / poll)
+            continue
         with tempfile.TemporaryDirectory(prefix="flwr-bench-") as tmp:
             rows += run_setting(poll, args.k, args, Path(tmp))
     print_table(rows)

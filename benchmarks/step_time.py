@@ -88,12 +88,12 @@ class StepTimers:
     gradient codec calling an activation codec, ``to_bytes`` inside ``encode``) count once.
     """
 
-    HALVES = (
+    HALVES: tuple[tuple[type, str, str], ...] = (
         (SplitClientCore, "forward", "client"),
         (SplitClientCore, "backward", "client"),
         (SplitServerCore, "run_block", "server"),
     )
-    CODECS = (
+    CODECS: tuple[tuple[type, str], ...] = (
         (Codec, "encode"),
         (Codec, "encode_measured"),
         (Codec, "decode"),
@@ -214,11 +214,11 @@ def measure_local(config: SplitConfig, clients: int) -> dict[str, float]:
                 timers.reset()
             return original_round(*a, **kw)
 
-        local._round = counted_round  # type: ignore[assignment]
+        local._round = counted_round
         try:
             result = local.run_local(config, clients, evaluate=False)
         finally:
-            local._round = original_round  # type: ignore[assignment]
+            local._round = original_round
         measured = result.history[result.history["round"] >= 2]
         steps = float(measured["steps"].sum())
         seconds = dict(timers.seconds)
@@ -295,7 +295,7 @@ def _split_client_app(config: SplitConfig, process_cache: bool) -> Any:
         if timers is None:
             timers = StepTimers().install()
             SplitClientCore._bench_timers = timers  # type: ignore[attr-defined]
-        return timers  # type: ignore[no-any-return]
+        return timers
 
     def with_codec_time(handler: Callable[[Message, Context], Message]) -> Any:
         def handle(msg: Message, context: Context) -> Message:
@@ -333,7 +333,7 @@ def measure_flower(
     def exchange(strategy: MSSplitStrategy, grid: Any, messages: Any, *a: Any, **kw: Any) -> Any:
         replies = original_exchange(strategy, grid, messages, *a, **kw)
         for reply in replies.values():
-            metrics = reply.content.metric_records.get(P.METRICS, {})
+            metrics: Any = reply.content.metric_records.get(P.METRICS, {})
             client_sums["client"] += float(metrics.get(P.CLIENT_SECONDS, 0.0))
             client_sums["client codec"] += float(metrics.get(CODEC_TIME, 0.0))
             client_sums["client build"] += float(metrics.get(P.BUILD_SECONDS, 0.0))
@@ -394,7 +394,16 @@ def measure_flower(
 
 
 ENGINES = ("local", "flower", "flower-nocache")
-COLUMNS = ("wall", "client", "client build", "client codec", "server", "server codec", "messaging", "other")
+COLUMNS = (
+    "wall",
+    "client",
+    "client build",
+    "client codec",
+    "server",
+    "server codec",
+    "messaging",
+    "other",
+)
 
 
 def table(rows: list[tuple[int, str, dict[str, float]]]) -> str:
@@ -460,6 +469,7 @@ def main(argv: list[str] | None = None) -> None:
                     flush=True,
                 )
                 rows.append((batch, engine, row))
+                print(table(rows), flush=True)  # so far (a long run can be stopped early)
     print(f"\nmachine after: {machine_line(args.threads)}")
     print(
         f"\nResNet18 shallow, {args.clients} clients, MS 0.99/2 bits up, grad codec "

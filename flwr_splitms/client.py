@@ -84,6 +84,15 @@ class SplitClient:
         self._cores: dict[tuple[int, int], SplitClientCore] = {}
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, object]:
+        """Pickle the factories only (Ray ships the ClientApp); cores and lock are per process."""
+        return {"model_fn": self.model_fn, "data_fn": self.data_fn, "device": self.device}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._cores = {}
+        self._lock = threading.Lock()
+
     def core(self, context: Context) -> tuple[SplitClientCore, float]:
         """The node's cached core and the seconds spent building it now (0 when cached)."""
         key = (int(context.run_id), int(context.node_id))
@@ -115,11 +124,8 @@ class SplitClient:
         config = _config(msg)
         settings = P.settings_from_config(config)
         weights = P.record_to_state(P.only_record(msg.content.array_records, P.ARRAYS, "array"))
-        state = core.start_round(
-            weights,
-            P.client_state_from_records(context.state),
-            P.cursor_from_table(config, core.client_id),
-        )
+        cursor = P.cursor_from_table(config, core.client_id)
+        state = core.start_round(weights, cursor or P.client_cursor_from_records(context.state))
         count = P.config_int(config, P.NUM_BATCHES, 1)
         batches = core.forward(state, settings, range(count))
         return self._smashed_reply(msg, context, core, state, batches, (age, build, started))
@@ -146,7 +152,11 @@ class SplitClient:
         settings = P.settings_from_config(config)
         state = self._state(msg, context)
         core.backward(state, settings, P.read_gradients(msg.content))
-        self._store(context, state)
+        for key in (P.STATE_WEIGHTS, P.STATE_OPTIMIZER):  # the next round brings its weights
+            if key in context.state:
+                del context.state[key]
+        for key, record in P.client_cursor_records(core.cursor(state)).items():
+            context.state[key] = record
         metrics = MetricRecord(
             {
                 P.NUM_EXAMPLES: P.config_int(config, P.STEP) * settings.batch_size,

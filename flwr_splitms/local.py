@@ -26,7 +26,7 @@ from flwr_splitms.checkpoint import RunState, save_run_state
 from flwr_splitms.config import SplitConfig
 from flwr_splitms.core.accounting import RoundAccumulator, StepProgress, log_round
 from flwr_splitms.core.aggregation import fedavg
-from flwr_splitms.core.client_half import ClientState, SplitClientCore
+from flwr_splitms.core.client_half import SplitClientCore
 from flwr_splitms.core.link import link_for
 from flwr_splitms.core.schedule import first_block, lr_at_round, plan_blocks
 from flwr_splitms.core.server_half import ClientUpload, SplitServerCore, evaluate_split
@@ -136,12 +136,12 @@ def run_local(
         SplitClientCore(copy.deepcopy(client_net), data, client_id=cid, device=resolved)
         for cid, data in enumerate(train)
     ]
-    states: list[ClientState | None] = [None] * num_clients
+    cursors: list[tuple[int, int, int] | None] = [None] * num_clients
     sampler = random.Random(config.seed)
     rows: list[dict[str, float]] = []
     first_round = 1
     if resume is not None:
-        global_weights = _restore(resume, server, cores, states, sampler, rows)
+        global_weights = _restore(resume, server, cursors, sampler, rows)
         first_round = resume.server_round + 1
     for server_round in range(first_round, config.num_server_rounds + 1):
         count = max(int(num_clients * config.fraction_train), 1)
@@ -151,7 +151,7 @@ def run_local(
             else list(range(num_clients))
         )
         global_weights, row = _round(
-            config, server, cores, states, active, server_round, global_weights
+            config, server, cores, cursors, active, server_round, global_weights
         )
         if test_set is not None:
             client_net.load_state_dict(global_weights)
@@ -179,9 +179,7 @@ def run_local(
                 },
                 server_optimizer=server.optimizer.state_dict(),
                 history=[dict(r) for r in rows],
-                cursors={
-                    c: SplitClientCore.cursor(s) for c, s in enumerate(states) if s is not None
-                },
+                cursors={c: cursor for c, cursor in enumerate(cursors) if cursor is not None},
                 sampler_state=sampler.getstate(),
                 run_config=config.to_run_config(),
             )
@@ -197,8 +195,7 @@ def run_local(
 def _restore(
     state: RunState,
     server: SplitServerCore,
-    cores: list[SplitClientCore],
-    states: list[ClientState | None],
+    cursors: list[tuple[int, int, int] | None],
     sampler: random.Random,
     rows: list[dict[str, float]],
 ) -> dict[str, torch.Tensor]:
@@ -206,7 +203,7 @@ def _restore(
     server.model.load_state_dict(state.server_weights)
     server.optimizer.load_state_dict(state.server_optimizer)
     for client_id, cursor in state.cursors.items():
-        states[client_id] = cores[client_id].start_round(state.client_weights, None, cursor)
+        cursors[client_id] = cursor
     if state.sampler_state is not None:
         sampler.setstate(state.sampler_state)
     rows.extend(dict(row) for row in state.history)
@@ -217,7 +214,7 @@ def _round(
     config: SplitConfig,
     server: SplitServerCore,
     cores: list[SplitClientCore],
-    states: list[ClientState | None],
+    cursors: list[tuple[int, int, int] | None],
     active: list[int],
     server_round: int,
     global_weights: dict[str, torch.Tensor],
@@ -228,7 +225,7 @@ def _round(
     settings = round_settings(config, server_round, lr)
     link = link_for(settings)
     acc = RoundAccumulator(server_round, lr, num_clients=len(active))
-    round_states = {c: cores[c].start_round(global_weights, states[c]) for c in active}
+    round_states = {c: cores[c].start_round(global_weights, cursors[c]) for c in active}
     steps = config.steps_per_round or min(
         len(cores[c].train_data) // config.batch_size for c in active
     )
@@ -270,7 +267,7 @@ def _round(
             slowest = max(slowest, time.perf_counter() - tic)
         acc.client_seconds += slowest
     for c in active:
-        states[c] = round_states[c]
+        cursors[c] = SplitClientCore.cursor(round_states[c])
     weights = fedavg(
         [round_states[c].weights for c in active], [float(step * config.batch_size)] * len(active)
     )

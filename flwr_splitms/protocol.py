@@ -328,9 +328,31 @@ def client_state_records(state: ClientState) -> dict[str, ArrayRecord | ConfigRe
     }
 
 
+def client_cursor_records(cursor: tuple[int, int, int]) -> dict[str, ConfigRecord]:
+    """What a node keeps between rounds: only its data cursor (weights come with the round)."""
+    epoch, position, updates = cursor
+    return {
+        STATE_CURSOR: ConfigRecord(
+            {"epoch": epoch, "position": position, "updates": updates, "pending": []}
+        )
+    }
+
+
+def client_cursor_from_records(records: RecordDict) -> tuple[int, int, int] | None:
+    """The data cursor a node kept, or None on its first round."""
+    if STATE_CURSOR not in records.config_records:
+        return None
+    cursor = records.config_records[STATE_CURSOR]
+    return (
+        config_int(cursor, "epoch"),
+        config_int(cursor, "position"),
+        config_int(cursor, "updates", 0),
+    )
+
+
 def client_state_from_records(records: RecordDict) -> ClientState | None:
-    """Read back what :func:`client_state_records` stored; None on a node's first message."""
-    if STATE_WEIGHTS not in records:
+    """Read back what :func:`client_state_records` stored; None when no round is under way."""
+    if STATE_WEIGHTS not in records.array_records:
         return None
     cursor = records.config_records[STATE_CURSOR]
     flat = [int(v) for v in cursor.get("pending", [])]  # type: ignore[union-attr]

@@ -595,7 +595,7 @@ class MSSplitStrategy(FedAvg):
             grid, _broadcast(content, node_ids, P.SPLIT_EVALUATE, server_round), timeout
         )
         link = link_for(settings)
-        scored = []
+        scored, examples = [], 0
         for node, reply in replies.items():
             try:
                 upload = P.read_smashed(reply.content)
@@ -604,10 +604,14 @@ class MSSplitStrategy(FedAvg):
                 log.warning("Node %d sent an unusable evaluation reply (%s); ignored", node, err)
                 continue
             if scores["num-examples"]:
+                examples += int(scores["num-examples"])
                 scored.append(RecordDict({P.METRICS: MetricRecord(scores)}))  # type: ignore[arg-type]
         if not scored:
             return None
-        return self.evaluate_metrics_aggr_fn(scored, self.weighted_by_key)
+        aggregated = self.evaluate_metrics_aggr_fn(scored, self.weighted_by_key)
+        if P.NUM_EXAMPLES not in aggregated:
+            aggregated[P.NUM_EXAMPLES] = examples
+        return aggregated
 
     # -- messaging ----------------------------------------------------------------------------
     def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:

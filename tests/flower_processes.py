@@ -196,11 +196,11 @@ class Deployment:
     def wait_ready(self, timeout: float = 120) -> None:
         """Wait until the SuperLink answers and every SuperNode has registered."""
         self.wait_for(lambda: superlink_healthy(self.port), "the SuperLink", timeout)
-        for name in self.procs:
-            if name.startswith("supernode"):
-                self.wait_for(
-                    lambda name=name: "SuperNode ID" in self.log(name), f"{name} to register"
-                )
+        for name in [n for n in self.procs if n.startswith("supernode")]:
+            self.wait_for(self._registered(name), f"{name} to register", timeout)
+
+    def _registered(self, name: str) -> Callable[[], bool]:
+        return lambda: "SuperNode ID" in self.log(name)
 
     def flwr_run(
         self, app: Path, run_config: str, timeout: float = 900

@@ -25,8 +25,8 @@ from flwr_splitms import protocol as P
 from flwr_splitms.client import make_client_app
 from flwr_splitms.config import SplitConfig
 from flwr_splitms.data import BatchSource, DataSplit, from_torch_dataset, partition
-from flwr_splitms.local import run_local
-from flwr_splitms.strategy import MSSplitStrategy
+from flwr_splitms.local import LocalResult, run_local
+from flwr_splitms.strategy import MSSplitStrategy, SplitResult
 
 NUM_CLIENTS, NUM_CLASSES, SAMPLES, TOKENS, VOCAB = 2, 3, 32, 5, 20
 CODECS = ("none", "ms", "sp", "qu", "rt")
@@ -111,7 +111,7 @@ class FreshAppPerMessage:
 
 def run_both(
     config: SplitConfig, nets: Callable[[], tuple[nn.Module, nn.Module]], rank: int
-):  # type: ignore[no-untyped-def]
+) -> tuple[SplitResult, MSSplitStrategy, LocalResult]:
     """The same training by the local engine and by Flower messages on the in-process grid."""
     local = run_local(
         config, NUM_CLIENTS, evaluate=False, models=nets(), client_data=client_sets(rank)
@@ -178,11 +178,6 @@ def test_k_steps_per_message_with_bfloat16_tokens() -> None:
     assert_same_run(result, strategy, local)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the client forward is not run under a replayed RNG: dropout in the client net draws "
-    "a new mask when a later message recomputes the forward pass (see docs/own-model.md)",
-)
 def test_dropout_in_the_client_net_replays() -> None:
     """Expected behaviour: a client net with dropout trains the same in both engines.
 

@@ -68,14 +68,29 @@ def test_decode_device_keyword() -> None:
             codec.decode(payload, device="no-such-device")
 
 
-def test_block_wise_cpu_path_matches_golden(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tiny blocks and narrowing on short rows: same bytes as the one-block path."""
-    monkeypatch.setattr(ms, "_BLOCK", 64)
-    monkeypatch.setattr(selection, "_NARROW_MIN", 256)
-    monkeypatch.setattr(selection, "_SAMPLE", 64)
+def test_narrowed_selection_matches_golden(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sampled-threshold selection on short rows: same bytes as before."""
+    monkeypatch.setattr(selection, "_NARROW_MIN", 64)
+    monkeypatch.setattr(selection, "_SAMPLE", 16)
     for name, params in settings():
-        if name == "ms" and params["bits"] in (1, 2, 3, 7) or name in ("sp", "rt"):
+        if name in ("sp", "rt") or (name == "ms" and params["bits"] == 3):
             assert digest(name, params) == GOLDEN[key(name, params)], (name, params)
+
+
+@pytest.mark.parametrize("scope", ["tensor", "sample"])
+def test_block_wise_cpu_path_matches_one_block(scope: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(12, 7, 5, generator=g), torch.rand(5, 3, 61, generator=g).half()]
+    codecs = [
+        get_codec("ms", ratio=0.8, bits=b, scope=scope, rounding=r)
+        for b in range(1, 9)
+        for r in ("nearest", "floor")
+    ]
+    one_block = [c.encode_measured(x) for c in codecs for x in xs]
+    monkeypatch.setattr(ms, "_BLOCK", 64)
+    blocked = [c.encode_measured(x) for c in codecs for x in xs]
+    for (p1, e1), (p2, e2) in zip(one_block, blocked, strict=True):
+        assert p1 == p2 and math.isclose(e1, e2, rel_tol=1e-6)
 
 
 def test_ties_keep_the_lowest_positions() -> None:
@@ -141,7 +156,9 @@ def test_any_rank_and_dtype_round_trip(
     payload = codec.encode(x, generator=g)
     y = decode_bytes(payload.to_bytes())
     assert y.shape == x.shape and y.dtype == x.dtype
-    assert payload.nbytes == expected_nbytes(name, params, x, payload.flags & 1 if name == "ms" else 0)
+    assert payload.nbytes == expected_nbytes(
+        name, params, x, payload.flags & 1 if name == "ms" else 0
+    )
     if name == "none":
         assert torch.equal(y, x)
     if name in ("sp", "rt", "ms"):  # kept values travel exactly
@@ -151,7 +168,7 @@ def test_any_rank_and_dtype_round_trip(
         )
     if name == "qu":
         step = (x.float().max() - x.float().min()) / ((1 << int(params["bits"])) - 1)  # type: ignore[call-overload]
-        tol = float(step) / 2 + float(x.float().abs().max()) * 2 ** -7
+        tol = float(step) / 2 + float(x.float().abs().max()) * 2**-7
         assert float((y.float() - x.float()).abs().max()) <= tol
 
 

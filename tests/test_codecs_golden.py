@@ -1,12 +1,13 @@
 """Bit-identity with the original numpy implementation of every codec.
 
-``GOLDEN`` holds SHA-256 digests (first 16 hex digits) of the data sections, flags and the decoded
-tensors that the numpy implementation (before the codecs moved to torch) produced for a grid
-of inputs: ranks 0..5, odd sizes and sizes not a multiple of 8, float32/float16/bfloat16,
-signed and non-negative inputs, every codec and setting (MS/QU bits 1..8, both MS scopes and
-roundings). The torch implementation must reproduce every byte on every device. Inputs are
-continuous random values, so the top-k sets have no ties (the old implementation left tie
-breaking unspecified; the torch one keeps the lowest positions, tested in test_codecs_device).
+``GOLDEN`` holds SHA-256 digests (first 16 hex digits) of the data sections, flags and
+decoded tensors that the numpy implementation (before the codecs moved to torch) produced for
+a grid of inputs: ranks 0..5, odd sizes and sizes not a multiple of 8, float32/float16/
+bfloat16, signed and non-negative inputs, every codec and setting (MS/QU bits 1..8, QU 11 and
+16, both MS scopes, roundings and sign modes). The torch implementation must reproduce every
+byte on every device. Magnitudes are distinct, so the top-k sets have no ties (the old
+implementation left tie breaking unspecified; the torch one keeps the lowest positions,
+tested in test_codecs_device and test_codecs_bitpack).
 
 Regenerate (only for a deliberate wire-format change): ``python tests/test_codecs_golden.py``.
 """

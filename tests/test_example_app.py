@@ -16,7 +16,7 @@ from flwr_splitms.config import SplitConfig
 from flwr_splitms.strategy import NotEnoughNodesError
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples" / "cifar100_resnet18"))
-from cifar100_resnet18 import server_app  # noqa: E402
+from cifar100_resnet18 import server_app
 
 
 def _context(run_config: dict, run_id: int = 1) -> Context:  # type: ignore[type-arg]
@@ -56,7 +56,7 @@ def test_bad_run_config_stops_before_training(
     caplog: pytest.LogCaptureFixture,  # type: ignore[type-arg]
 ) -> None:
     with caplog.at_level(logging.ERROR, logger="flwr"), pytest.raises(server_app.RunConfigError):
-        grid = _run(config, **overrides)
+        _run(config, **overrides)
     assert message in caplog.text
     assert not (Path(config.output_dir)).exists()  # nothing written, no round started
 
@@ -88,5 +88,5 @@ def test_runs_get_their_own_folders_and_resume_continues_the_latest(config: Spli
     history = pd.read_csv(folders[-1] / "history.csv")
     assert history["round"].tolist() == [1, 2]
 
-    with pytest.raises(server_app.RunConfigError, match="lr: 0.05 -> 0.2"):
+    with pytest.raises(server_app.RunConfigError, match=r"lr: 0\.05 -> 0\.2"):
         _run(config, run_id=4, resume=True, lr=0.2)

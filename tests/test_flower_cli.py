@@ -5,6 +5,7 @@ its PID (see ``flower_processes.py``); nothing is found or killed by name.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -90,18 +91,18 @@ def test_flwr_run_ten_simulated_supernodes(tmp_path: Path, env: dict[str, str]) 
 @pytest.mark.skipif(not TABULAR_APP.exists(), reason="examples/tabular_mlp is not in this tree")
 def test_flwr_run_tabular_example(tmp_path: Path, env: dict[str, str]) -> None:
     """The tabular example, offline, through ``flwr run --stream`` on the simulation engine."""
-    command = [
-        str(BIN / "flwr"), "run", str(TABULAR_APP), "--stream",
-        "--run-config", run_config_string({
-            "num-server-rounds": 1, "steps-per-round": 2, "output-dir": str(tmp_path / "out"),
-        }),
-    ]  # fmt: skip
+    config = run_config_string({"num-server-rounds": 1, "steps-per-round": 2})
+    command = [str(BIN / "flwr"), "run", str(TABULAR_APP), "--stream", "--run-config", config]
     done = subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    history = history_of(tmp_path / "out")
-    assert list(history["round"]) == [1] and history["num_clients"].iloc[0] >= 2
+    found = re.search(
+        r"test accuracy ([\d.]+) after 1 rounds; uplink (\d+) bytes \(raw (\d+)\)", done.stdout
+    )
+    assert found, done.stdout + done.stderr
+    accuracy, sent, raw = float(found[1]), int(found[2]), int(found[3])
+    assert 0 <= accuracy <= 1 and 0 < sent < raw
 
 
 def test_deployment_superlink_and_two_supernodes(tmp_path: Path, env: dict[str, str]) -> None:
@@ -115,8 +116,13 @@ def test_deployment_superlink_and_two_supernodes(tmp_path: Path, env: dict[str, 
         assert done.returncode == 0, done.stdout + done.stderr + dep.tails()
         check_history(tmp_path / "out", clients=2)
         assert set(dep.procs) == started and all(p.poll() is None for p in dep.procs.values())
-        pids = [p.pid for p in dep.procs.values()]
-    assert not [pid for pid in pids if _alive(pid)], "a process outlived Deployment.stop_all"
+        tree = [
+            proc.pid
+            for p in dep.procs.values()
+            for proc in [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+        ]
+        assert len(tree) > len(started)  # the SuperExecs (and ServerApp) are stopped too
+    assert not [pid for pid in tree if _alive(pid)], "a process outlived Deployment.stop_all"
 
 
 def test_lost_supernode_costs_only_its_round(tmp_path: Path, env: dict[str, str]) -> None:
@@ -127,7 +133,7 @@ def test_lost_supernode_costs_only_its_round(tmp_path: Path, env: dict[str, str]
         dep.start_supernodes(3)
         dep.wait_ready()
         config = run_config(
-            tmp_path, **{"num-server-rounds": 2, "steps-per-round": 3, "min-nodes": 2}
+            tmp_path, **{"num-server-rounds": 2, "steps-per-round": 2, "min-nodes": 2}
         )
         # The deployment's clients answer every few seconds; kill supernode2 once round 1 runs.
         run = subprocess.Popen(
@@ -149,7 +155,7 @@ def test_lost_supernode_costs_only_its_round(tmp_path: Path, env: dict[str, str]
     history = history_of(tmp_path / "out")
     assert list(history["round"]) == [1, 2], history
     assert list(history["num_clients"]) == [3, 2], history  # sampled 3, then the 2 left
-    assert list(history["steps"]) == [3, 3], history
+    assert list(history["steps"]) == [2, 2], history
     assert history["test_accuracy"].notna().all(), history
     assert "dropped from the round" in out, out
 

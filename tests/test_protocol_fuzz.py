@@ -1,4 +1,4 @@
-"""The message readers refuse malformed records with ValueError: never a crash or a huge allocation."""
+"""Message readers refuse malformed records with ValueError, never a crash or a huge allocation."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def test_gradient_reader_refuses_mutated_records() -> None:
         except ValueError:
             refused += 1
     assert refused > 2000  # value bytes of the mask blob may be flipped and still decode
-    with pytest.raises(ValueError, match="lacks gradient.0"):
+    with pytest.raises(ValueError, match=r"lacks gradient\.0"):
         P.read_gradients(RecordDict({P.GRADIENT: ArrayRecord({"other": P.payload_array(blob)})}))
     with pytest.raises(ValueError, match="stype"):
         P.read_gradients(

@@ -1,9 +1,15 @@
 """Compression codecs for cut-layer activations: MS and the paper's baselines.
 
->>> from flwr_splitms.codecs import get_codec, Payload
+>>> from flwr_splitms.codecs import get_codec, Payload, decode_bytes
 >>> codec = get_codec("ms", ratio=0.99, bits=2)
 >>> payload = codec.encode(x)                      # doctest: +SKIP
 >>> x_hat = codec.decode(Payload.from_bytes(payload.to_bytes()))  # doctest: +SKIP
+>>> payload, err = codec.encode_measured(x)          # doctest: +SKIP
+>>> x_hat = decode_bytes(payload.to_bytes(), device="cuda")  # doctest: +SKIP
+
+Encoding and decoding run in torch on the tensor's (or the requested) device; the bytes are
+the same on every device. ``encode_measured`` also returns the relative error of the decoded
+tensor, computed from what the encoder already has.
 
 Codecs (``get_codec(name, **params)``):
 

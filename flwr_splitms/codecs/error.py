@@ -35,14 +35,13 @@ def relative_error(diff_sq: float, norm_sq: float) -> float:
 def squared_norm(t: torch.Tensor) -> float:
     """``sum(t**2)`` of a float32 tensor on any device, to about 1e-7 relative.
 
-    Squares in float32 and torch's cascade (CPU) or tree (GPU) summation: one fused-size pass
-    instead of a float64 copy. Falls back to float64 when squares could overflow or underflow.
+    Squares in float32 summed by torch's cascade (CPU) or tree (GPU) reduction, instead of a
+    float64 copy of the tensor; falls back to float64 when squares overflow or underflow.
     """
     if t.numel() == 0:
         return 0.0
     s = float((t * t).sum())
-    if math.isfinite(s) and (s == 0.0 or s >= 1e-20):
-        if s > 0.0 or not bool(t.any()):
-            return s
+    if math.isfinite(s) and (s >= 1e-20 or (s == 0.0 and not bool(t.any()))):
+        return s
     host = t.detach().to("cpu", torch.float64)
     return float(torch.dot(host.reshape(-1), host.reshape(-1)))

@@ -81,7 +81,8 @@ class _HalfPrecision(Codec):
 
     def _decode_to(self, payload: Payload, device: torch.device) -> torch.Tensor:
         values = tensor_from_bytes(payload.sections[0], self.wire_dtype, device)
-        check_finite(values, "values")
+        values = values.to(payload.dtype)  # bf16 values beyond float16's range become inf here
+        check_finite(values, f"values (as {payload.dtype})")
         return values
 
 

@@ -22,6 +22,11 @@ Wire sections: the packed codes, ``ceil(d * (b + s) / 8)`` bytes (s = 1 with the
 recorded in flag bit 0), and the kept values in the input dtype (``4*k`` bytes for float32).
 Fig. 1 (16 floats, top-4, 2-bit mask): 4 + 16 = 20 bytes. An all-zero tensor round-trips
 exactly (Top_min = 0 gives code 0 everywhere else).
+
+Implementation: torch on the tensor's device, bytes identical on every device (ties at the
+k-th magnitude keep the lowest positions, ``selection``). On the CPU the quantize-and-pack
+passes run in cache-sized blocks. Decoding dequantizes straight from the packed bytes through
+a per-sample table of the 256 byte values when the code width divides 8.
 """
 
 from __future__ import annotations
@@ -36,9 +41,9 @@ from . import bitpack
 from .base import Codec, check_finite, require_finite
 from .dtypes import itemsize, tensor_from_bytes, tensor_to_bytes, to_host_bytes
 from .entropy import ENTROPY
+from .error import compression_error, relative_error
 from .params import Choice, IntRange
 from .payload import Payload, PayloadError
-from .error import compression_error, relative_error
 from .registry import register
 from .selection import flat_nonzero, keep_count, top_indices
 from .topk import RATIO
@@ -138,15 +143,19 @@ class MaskEncodedSparsification(Codec):
         x = flat.float().view(rows, m)  # no copy for float32
         mag = x.abs() if negative else x
         idx = top_indices(mag, kr)  # ascending: the original order
-        values = flat.view(rows, m).gather(1, idx).reshape(-1)
-        top_min = mag.gather(1, idx).amin(dim=1, keepdim=True)
+        values = flat.view(rows, m).gather(1, idx)
+        same = flat.dtype == torch.float32 and not negative  # mag is flat itself
+        kept_mag = values if same else mag.gather(1, idx)
+        top_min = kept_mag.amin(dim=1, keepdim=True)
+        values = values.view(-1)
         scale = torch.full_like(top_min, float((1 << b) - 1)) / top_min
         finite_scale = bool(torch.isfinite(scale).all())
         kept = (idx + torch.arange(rows, device=idx.device).unsqueeze(1) * m).view(-1)
         packed, sq = [], []
         for r0, r1, c0, c1 in _blocks(rows, m, b + s, flat.device):
             a = r0 * m + c0
-            lo_k, hi_k = torch.searchsorted(kept, torch.tensor([a, (r1 - 1) * m + c1])).tolist()
+            ends = torch.tensor([a, (r1 - 1) * m + c1], device=kept.device)
+            lo_k, hi_k = torch.searchsorted(kept, ends).tolist()
             block = _Block(
                 x[r0:r1, c0:c1],
                 mag[r0:r1, c0:c1],
@@ -162,7 +171,8 @@ class MaskEncodedSparsification(Codec):
         payload = self._payload(shape, flat.dtype, [mask, tensor_to_bytes(values)], s)
         if not measure:
             return payload, 0.0
-        diff_sq, norm_sq = torch.stack([torch.stack(t) for t in sq]).double().sum(0).tolist()
+        sums = torch.stack([torch.stack(t) for t in sq]).cpu().double()  # MPS has no float64
+        diff_sq, norm_sq = sums.sum(0).tolist()
         all_zero = lo == hi == 0.0
         if not (
             math.isfinite(diff_sq)
@@ -242,8 +252,11 @@ class MaskEncodedSparsification(Codec):
                 out = torch.where((codes >> b).bool(), -out, out)
             out = out.view(-1)
             kept = flat_nonzero((q == top_code).view(-1))
-        per_row = kept.numel() if rows == 1 else torch.bincount(kept // m, minlength=rows)
-        if (per_row != kr) if rows == 1 else bool((per_row != kr).any()):
+        if rows == 1:
+            wrong = kept.numel() != kr
+        else:
+            wrong = bool((torch.bincount(kept // m, minlength=rows) != kr).any())
+        if wrong:
             raise PayloadError(
                 f"mask marks {kept.numel()} kept positions ({kr} per row expected), "
                 f"the payload holds {rows * kr} values"
@@ -274,10 +287,10 @@ class MaskEncodedSparsification(Codec):
         index = raw.to(torch.int64)
         if rows > 1:  # each sample's bytes look up its own table
             index.view(rows, -1).add_(torch.arange(rows, device=device).unsqueeze(1) * 256)
-        if per == 8:
-            out = table.view(-1, 8).index_select(0, index)
-        else:  # one element per byte pattern: a 1-D gather, the fast kernel
-            entry = {1: torch.float32, 2: torch.float64, 4: torch.complex128}[per]
+        entry = {1: torch.float32, 2: torch.int64, 4: torch.complex128}.get(per)
+        if entry is None or (entry == torch.complex128 and device.type == "mps"):
+            out = table.view(-1, per).index_select(0, index)
+        else:  # the byte's values as one element: a 1-D gather, the fast kernel (bit copy)
             out = table.view(-1).view(entry).index_select(0, index).view(torch.float32)
         # A lane holds a kept code iff its b magnitude bits are all set.
         lane_bits = sum(1 << (j * w) for j in range(per))

@@ -71,7 +71,7 @@ class UniformQuantization(Codec):
     def _encode_impl(
         self, flat: torch.Tensor, shape: tuple[int, ...], *, measure: bool
     ) -> tuple[Payload, float]:
-        """Quantize on the tensor's device; with ``measure``, the error of the dequantized values."""
+        """Quantize on the tensor's device; with ``measure``, the dequantized values' error."""
         bits = self._bits
         levels = (1 << bits) - 1
         if flat.numel() == 0:
@@ -83,9 +83,10 @@ class UniformQuantization(Codec):
             codes = bytes(bitpack.packed_nbytes(flat.numel(), bits))
             return self._payload(shape, flat.dtype, [codes, scales]), 0.0
         work = _work_dtype(span, levels)
-        x = flat.to(work)
-        if work == torch.float64 and x.device.type == "mps":  # MPS has no float64
-            x = x.cpu()
+        if work == torch.float64 and flat.device.type == "mps":  # MPS has no float64
+            x = flat.cpu().to(work)
+        else:
+            x = flat.to(work)
         q = x - _rounded(lo, work)
         q.mul_(_rounded(levels / span, work))
         q.round_()  # half to even

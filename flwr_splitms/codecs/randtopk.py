@@ -20,6 +20,9 @@ baseline, we sample over the whole tensor (Zheng et al. sample per example).
 
 The kept positions and values use the ``sp`` wire format; the decoder is ``sp``'s.
 
+Devices: the top-k runs on the tensor's device; the O(k) sampling below runs on the CPU with
+the CPU ``generator``, so a seed gives the same positions (and bytes) on every device.
+
 Implementation: successive sampling with weights w_i equals taking the k smallest keys
 E_i / w_i with E_i ~ Exp(1). The weights take two values, so only the k smallest keys of each
 group matter, and they are exponential order statistics, generated directly by Renyi's

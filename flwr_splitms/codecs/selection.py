@@ -72,12 +72,10 @@ def flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _kth_largest(vals: torch.Tensor, k: int) -> torch.Tensor:
-    """(rows, 1) k-th largest value of each row: a partial selection of the smaller side."""
+    """(rows, 1) k-th largest value of each row (a quickselect; topk where it is missing)."""
     m = vals.shape[1]
-    if m - k + 1 < k:  # the (m-k+1)-th smallest: fewer elements to select
-        return torch.topk(vals, m - k + 1, dim=1, largest=False, sorted=False).values.amax(
-            dim=1, keepdim=True
-        )
+    if vals.device.type != "mps":
+        return torch.kthvalue(vals, m - k + 1, dim=1, keepdim=True).values
     return torch.topk(vals, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
 
 

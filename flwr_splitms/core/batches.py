@@ -6,9 +6,12 @@ another process, or in the local engine sees the same examples, pixels and codec
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
-from flwr_splitms.seeding import generator
+from flwr_splitms.seeding import derive_seed, generator
 
 BatchKey = tuple[int, int, int, int]  # (epoch, position, round, step) of a batch
 
@@ -50,3 +53,16 @@ def grad_codec_generator(
 ) -> torch.Generator:
     """Draws of a randomized downlink codec for one client's gradient of one step."""
     return generator(seed, "grad-codec", client_id, server_round, step)
+
+
+@contextlib.contextmanager
+def replayed_rng(device: torch.device, *parts: int | str) -> Iterator[None]:
+    """Run the body with torch's global RNG (and ``device``'s, for CUDA) seeded from ``parts``.
+
+    Dropout draws from the global RNG; seeding it per batch makes a recomputed forward pass draw
+    the same masks. The previous RNG state is restored afterwards.
+    """
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(derive_seed(*parts))
+        yield

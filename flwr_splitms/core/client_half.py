@@ -29,6 +29,7 @@ from flwr_splitms.core.batches import (
     augment_generator,
     batch_positions,
     codec_generator,
+    replayed_rng,
     take_batch,
 )
 from flwr_splitms.core.link import Link, link_for
@@ -125,26 +126,19 @@ class SplitClientCore:
 
     # -- state --------------------------------------------------------------------------------
     def start_round(
-        self,
-        global_weights: Mapping[str, torch.Tensor],
-        previous: ClientState | None,
-        cursor: tuple[int, int, int] | None = None,
+        self, global_weights: Mapping[str, torch.Tensor], cursor: tuple[int, int, int] | None
     ) -> ClientState:
-        """The state at a round's start: global weights and this client's data cursor.
+        """The state at a round's start: the global weights and this client's data cursor.
 
-        The cursor (epoch, position, updates) is ``cursor`` when given (the server's record,
-        used when a resumed run meets a node that lost its state), else the previous round's.
-        Momentum starts from zero every round, as a fresh local optimizer in FedAvg does, so
-        a round depends only on the global weights and the cursor.
+        ``cursor`` is (epoch, position, updates), where the previous round left the client's data
+        order; None on its first round. Momentum starts from zero every round, as a fresh local
+        optimizer in FedAvg does, so a round depends only on the global weights and the cursor.
         """
         state = ClientState(
             weights={k: v.detach().cpu().clone() for k, v in global_weights.items()}
         )
         if cursor is not None:
             state.epoch, state.position, state.updates = cursor
-        elif previous is not None:
-            state.epoch, state.position = previous.epoch, previous.position
-            state.updates = previous.updates
         self._live = None
         self._holds = None
         return state
@@ -186,6 +180,12 @@ class SplitClientCore:
         x, y = self.train_data.batch(positions, augment=settings.augment, generator=aug)
         return x.to(self.device, non_blocking=True), y
 
+    def _model_rng(
+        self, settings: StepSettings, key: BatchKey
+    ) -> contextlib.AbstractContextManager[None]:
+        """Dropout draws of a batch's forward pass, the same when it is recomputed."""
+        return replayed_rng(self.device, settings.seed, "forward", self.client_id, key[2], key[3])
+
     def _codec_rng(self, settings: StepSettings, key: BatchKey) -> torch.Generator:
         return codec_generator(settings.seed, self.client_id, key[2], key[3])
 
@@ -209,7 +209,7 @@ class SplitClientCore:
             epoch, position = self._advance(state, settings.batch_size)
             key = (epoch, position, settings.server_round, step)
             x, y = self._inputs(settings, key)
-            with torch.set_grad_enabled(self.keep_graph):
+            with torch.set_grad_enabled(self.keep_graph), self._model_rng(settings, key):
                 activations = self.model(x)
             payload, error = self._encode(link, activations.detach(), settings, key)
             graphs.append(activations)
@@ -279,7 +279,7 @@ class SplitClientCore:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The forward of a pending batch again, with its graph (its buffers already updated)."""
         x, _ = self._inputs(settings, key)
-        with _scratch_buffers(self.model):
+        with _scratch_buffers(self.model), self._model_rng(settings, key):
             activations = self.model(x)
         support = None
         if link.downlink.needs_support:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flwr_splitms.codecs import Codec, Payload, PayloadError
-from flwr_splitms.core.batches import grad_codec_generator
+from flwr_splitms.core.batches import grad_codec_generator, replayed_rng
 from flwr_splitms.core.link import Link
 from flwr_splitms.core.settings import StepSettings
 from flwr_splitms.data import BatchSource
@@ -279,16 +279,18 @@ class SplitServerCore:
         if not order:
             return BlockResult(gradients, losses, dropped)
         for j in range(batches):
-            outcome = server_step(
-                self.model,
-                self.optimizer,
-                [decoded[n].activations[j] for n in order],
-                [decoded[n].labels[j] for n in order],
-            )
+            step = first_step + j
+            with replayed_rng(self.device, settings.seed, "server", settings.server_round, step):
+                outcome = server_step(
+                    self.model,
+                    self.optimizer,
+                    [decoded[n].activations[j] for n in order],
+                    [decoded[n].labels[j] for n in order],
+                )
             losses.append(outcome.loss)
             for node, gradient in zip(order, outcome.gradients, strict=True):
                 rng = grad_codec_generator(
-                    settings.seed, uploads[node].client_id, settings.server_round, first_step + j
+                    settings.seed, uploads[node].client_id, settings.server_round, step
                 )
                 gradients[node].append(
                     link.downlink.encode(gradient, support=decoded[node].supports[j], generator=rng)

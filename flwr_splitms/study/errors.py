@@ -287,6 +287,7 @@ def compare_to_baselines(errors: pd.DataFrame) -> pd.DataFrame:
 
 def _plot(errors: pd.DataFrame, path: Path, title: str) -> Path:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     cuts = list(dict.fromkeys(errors["cut"]))
     fig = Figure(figsize=(4.2 * len(cuts), 3.6))
@@ -304,7 +305,10 @@ def _plot(errors: pd.DataFrame, path: Path, title: str) -> Path:
             style = {**STYLES["ms"], "alpha": 1.0 - 0.25 * i}
             ax.plot(c["bits_per_element"], c["relative_error"], label=f"MS r={ratio}", **style)
         ax.set_xscale("log")
-        ax.set_xlabel("bits per element (measured)")
+        ticks = [t for t in (0.25, 0.5, 1, 2, 4, 8, 16, 32) if t <= part["bits_per_element"].max()]
+        ax.set_xticks(ticks, labels=[f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("bits per element (measured, log scale)")
         ax.set_title(f"{cut} cut {part['shape'].iloc[0]}", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("relative error ||x - x̂|| / ||x||")

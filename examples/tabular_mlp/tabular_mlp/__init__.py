@@ -1,0 +1,1 @@
+"""SplitFed MLP on a tabular data set with MS-compressed activations, as a Flower App."""
