@@ -644,9 +644,9 @@ class MSSplitStrategy(FedAvg):
         replies: dict[int, Message] = {}
         failures: dict[int, str] = {}
         budget = min(timeout, self.wait.budget())
-        deadline = pushed + budget
+        deadline = time.monotonic() + budget  # counted from the end of the push
         pause = self.poll_interval
-        while waiting and time.monotonic() < deadline:
+        while waiting:  # pulls at least once, however long the push took
             got = list(grid.pull_messages(list(waiting)))
             for reply in got:
                 if reply.metadata.reply_to_message_id not in waiting:
@@ -657,11 +657,13 @@ class MSSplitStrategy(FedAvg):
                     failures[node] = str(reply.error.reason)
                 else:
                     replies[node] = reply
-            if waiting and not got:
+            if not waiting or time.monotonic() >= deadline:
+                break
+            if got:
+                pause = self.poll_interval
+            else:
                 time.sleep(pause)
                 pause = min(pause * 1.5, 0.1)
-            elif got:
-                pause = self.poll_interval
         _report_failures(failures, replies, len(nodes))
         for node in waiting.values():
             log.warning("Node %d did not answer within %.1fs; dropped from the round", node, budget)

@@ -35,6 +35,7 @@ class InProcessGrid(Grid):
         self.replies: dict[str, Message] = {}
         self.fail_after: dict[int, int] = {}  # node -> number of messages before it errors
         self.silent_after: dict[int, int] = {}  # node -> number of messages before it goes silent
+        self.silent_messages: dict[int, set[int]] = {}  # node -> indices of messages it drops
         self.seen: dict[int, int] = dict.fromkeys(self.contexts, 0)
         self.message_types: list[str] = []
         self.configs: list[dict] = []  # the config record of every message sent, in order
@@ -68,6 +69,8 @@ class InProcessGrid(Grid):
             self.seen[node] += 1
             ids.append(msg_id)
             if node in self.silent_after and count >= self.silent_after[node]:
+                continue
+            if count in self.silent_messages.get(node, set()):
                 continue
             if node in self.fail_after and count >= self.fail_after[node]:
                 reply = Message(Error(code=0, reason="injected failure"), reply_to=msg)

@@ -158,6 +158,8 @@ def test_lost_supernode_costs_only_its_round(tmp_path: Path, env: dict[str, str]
     assert list(history["steps"]) == [2, 2], history
     assert history["test_accuracy"].notna().all(), history
     assert "dropped from the round" in out, out
+    # FedAvg of the survivors: both rounds aggregate exactly two clients' weights
+    assert out.count("Received 2 results") == 2 and "Received 3 results" not in out, out
 
 
 def _alive(pid: int) -> bool:

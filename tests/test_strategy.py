@@ -169,7 +169,7 @@ def test_keyword_defaults_equal_the_run_config_defaults() -> None:
     defaults = SplitConfig()
     for name, parameter in inspect.signature(MSSplitStrategy.__init__).parameters.items():
         if name.endswith("codec_params") or name == "num_classes":
-            # None = derived (the codec's own defaults; the model's classes), as 0/unset in the config
+            # None = derived (codec defaults; the model's classes), as unset/0 in the config
             assert parameter.default is None
         elif hasattr(defaults, name) and parameter.default is not inspect.Parameter.empty:
             assert parameter.default == getattr(defaults, name), name
@@ -250,3 +250,18 @@ def test_too_few_nodes_stop_with_a_clear_error(tiny_config: SplitConfig) -> None
     client_net, strat = strategy(tiny_config, node_wait=0.2)
     with pytest.raises(NotEnoughNodesError, match=r"1 node\(s\) connected .* needs 2"):
         strat.start(grid, P.state_to_record(client_net.state_dict()), num_rounds=1)
+
+
+def test_node_lost_mid_round_rejoins_the_next_round(tiny_config: SplitConfig) -> None:
+    """A node that vanishes mid-round costs that round only; it rejoins from the global weights."""
+    config = tiny_config.replace(num_server_rounds=2, steps_per_round=3)
+    grid = InProcessGrid(client_app(), 3, config.to_run_config())
+    grid.silent_messages[1002] = {1}  # drops the first step message of round 1, then is back
+    client_net, strat = strategy(config, wait_floor=0.5)
+    finished: dict[int, set[int]] = {}  # round -> clients whose weights were averaged
+    strat.round_callbacks.append(lambda r, arrays, row: finished.update({r: set(strat.cursors)}))
+    result = strat.start(grid, P.state_to_record(client_net.state_dict()), num_rounds=2, timeout=5)
+    assert list(result.history["steps"]) == [3, 3]
+    # Round 1: FedAvg of the two survivors; round 2: all three again (begin, 2 steps, end).
+    assert finished == {1: {0, 1}, 2: {0, 1, 2}}
+    assert grid.seen[1002] == 2 + 4
