@@ -26,7 +26,9 @@ server half without its codec (decode, ``server_step``, gradient encode). ``mess
 strategy's ``message_seconds``: the wall time of each exchange minus the slowest client's
 handler time (queues, polling, serialisation). ``other`` = wall - the critical path
 (server + codec on the server + per-exchange slowest client + messaging; for the local engine
-the clients run in turn, so all of ``client``).
+the clients run in turn, so all of ``client``). ``recomputed forwards``: share of the
+batches whose backward had to recompute the forward because the process did not hold its live
+autograd graph.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ from flwr_splitms.config import SplitConfig
 from flwr_splitms.core.client_half import SplitClientCore
 from flwr_splitms.core.server_half import SplitServerCore
 
-CODEC_TIME = "bench-client-codec-seconds"  # metric the wrapper ClientApp adds to its replies
+CODEC_TIME = "bench-client-codec-seconds"  # metrics the wrapper ClientApp adds to its replies
+RECOMPUTED = "bench-recomputed-batches"
 
 
 def machine_line(threads: int) -> str:
@@ -117,6 +120,7 @@ class StepTimers:
             self._patch(cls, name, self._half_wrapper(half))
         for cls, name in self.CODECS:
             self._patch(cls, name, self._codec_wrapper)
+        self._patch(SplitClientCore, "_recompute", self._counter("recomputed"))
         return self
 
     def uninstall(self) -> None:
@@ -150,6 +154,17 @@ class StepTimers:
                     self._half = outer
 
             return timed
+
+        return make
+
+    def _counter(self, key: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        def make(fn: Callable[..., Any]) -> Callable[..., Any]:
+            @functools.wraps(fn)
+            def counted(*args: Any, **kwargs: Any) -> Any:
+                self.seconds[key] += 1  # a count, kept with the times
+                return fn(*args, **kwargs)
+
+            return counted
 
         return make
 
@@ -233,6 +248,7 @@ def measure_local(config: SplitConfig, clients: int) -> dict[str, float]:
         "messaging": 0.0,
         "critical client": seconds.get("client", 0.0) / steps,
         "client build": 0.0,
+        "recomputed": seconds.get("recomputed", 0.0) / (steps * clients),
     }
     return row
 
@@ -301,10 +317,13 @@ def _split_client_app(config: SplitConfig, process_cache: bool) -> Any:
         def handle(msg: Message, context: Context) -> Message:
             timers = actor_timers()
             before = timers.seconds.get("client codec", 0.0)
+            recomputed = timers.seconds.get("recomputed", 0.0)
             reply = handler(msg, context)
             if not reply.has_error() and P.METRICS in reply.content.metric_records:
                 spent = timers.seconds.get("client codec", 0.0) - before
-                reply.content.metric_records[P.METRICS][CODEC_TIME] = spent
+                metrics = reply.content.metric_records[P.METRICS]
+                metrics[CODEC_TIME] = spent
+                metrics[RECOMPUTED] = timers.seconds.get("recomputed", 0.0) - recomputed
             return reply
 
         return handle
@@ -337,6 +356,7 @@ def measure_flower(
             client_sums["client"] += float(metrics.get(P.CLIENT_SECONDS, 0.0))
             client_sums["client codec"] += float(metrics.get(CODEC_TIME, 0.0))
             client_sums["client build"] += float(metrics.get(P.BUILD_SECONDS, 0.0))
+            client_sums["recomputed"] += float(metrics.get(RECOMPUTED, 0.0))
         return replies
 
     server = ServerApp()
@@ -390,6 +410,7 @@ def measure_flower(
         "messaging": float(measured["message_seconds"].sum()) / steps,
         "critical client": float(measured["client_seconds"].sum()) / steps,
         "client build": client_sums["client build"] / steps,
+        "recomputed": client_sums["recomputed"] / (steps * clients),
     }
 
 
@@ -409,8 +430,10 @@ COLUMNS = (
 def table(rows: list[tuple[int, str, dict[str, float]]]) -> str:
     """Markdown table of the per-step figures, with Flower / local per batch size."""
     lines = [
-        "| batch | engine | " + " | ".join(f"{c} (s)" for c in COLUMNS) + " | Flower / local |",
-        "|---:|---|" + "---:|" * (len(COLUMNS) + 1),
+        "| batch | engine | "
+        + " | ".join(f"{c} (s)" for c in COLUMNS)
+        + " | Flower / local | recomputed forwards |",
+        "|---:|---|" + "---:|" * (len(COLUMNS) + 2),
     ]
     local_wall = {batch: r["wall"] for batch, engine, r in rows if engine == "local"}
     for batch, engine, r in rows:
@@ -420,7 +443,7 @@ def table(rows: list[tuple[int, str, dict[str, float]]]) -> str:
         if engine != "local" and batch in local_wall:
             ratio = f"{r['wall'] / local_wall[batch]:.2f}x"
         cells = " | ".join(f"{values[c]:.3f}" for c in COLUMNS)
-        lines.append(f"| {batch} | {engine} | {cells} | {ratio} |")
+        lines.append(f"| {batch} | {engine} | {cells} | {ratio} | {r['recomputed']:.0%} |")
     return "\n".join(lines)
 
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import threading
 import time
+import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-import psutil
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
@@ -30,6 +32,9 @@ Handler = Callable[["SplitClient", Message, Context], Message]
 
 log = logging.getLogger("flwr")
 CLIENT_ERROR_CODE = 2  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+MAX_CACHED_CORES = 256  # nodes whose model and data one process keeps (oldest dropped first)
+_CORES: OrderedDict[tuple[str, int, int], SplitClientCore] = OrderedDict()
+_CORES_LOCK = threading.Lock()
 _REPORTED: set[str] = set()  # errors whose traceback this process has logged once
 
 
@@ -63,8 +68,17 @@ def client_id_of(context: Context) -> int:
 
 
 def _process_age() -> float:
-    """Seconds since this process started (a deployment starts one per message)."""
-    return time.time() - psutil.Process(os.getpid()).create_time()
+    """Seconds since this process started (a deployment starts one per message); NaN off Linux.
+
+    Read from ``/proc`` in clock ticks: psutil's start time is rounded to whole seconds.
+    """
+    try:
+        with open("/proc/self/stat", encoding="ascii") as stat, open("/proc/uptime") as up:
+            started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+            uptime = float(up.read().split()[0])
+        return uptime - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return math.nan
 
 
 class SplitClient:
@@ -81,31 +95,29 @@ class SplitClient:
         self.model_fn = model_fn
         self.data_fn = data_fn
         self.device = device
-        self._cores: dict[tuple[int, int], SplitClientCore] = {}
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict[str, object]:
-        """Pickle the factories only (Ray ships the ClientApp); cores and lock are per process."""
-        return {"model_fn": self.model_fn, "data_fn": self.data_fn, "device": self.device}
-
-    def __setstate__(self, state: dict[str, object]) -> None:
-        self.__dict__.update(state)
-        self._cores = {}
-        self._lock = threading.Lock()
+        self.token = uuid.uuid4().hex  # survives pickling: copies of this app share its cores
 
     def core(self, context: Context) -> tuple[SplitClientCore, float]:
-        """The node's cached core and the seconds spent building it now (0 when cached)."""
-        key = (int(context.run_id), int(context.node_id))
-        with self._lock:
-            if key in self._cores:
-                return self._cores[key], 0.0
+        """The node's cached core and the seconds spent building it now (0 when cached).
+
+        The cache lives in this module, not on the instance: Flower's simulation engine unpickles
+        the ClientApp for every message, and the model, data and live autograd graph must
+        survive that within a process.
+        """
+        key = (self.token, int(context.run_id), int(context.node_id))
+        with _CORES_LOCK:
+            if key in _CORES:
+                _CORES.move_to_end(key)
+                return _CORES[key], 0.0
             started = time.perf_counter()
             train, test = self.data_fn(context)
             device = self.device or str(context.run_config.get("device", "auto"))
-            self._cores[key] = SplitClientCore(
+            _CORES[key] = SplitClientCore(
                 self.model_fn(context), train, test, client_id=client_id_of(context), device=device
             )
-            return self._cores[key], time.perf_counter() - started
+            while len(_CORES) > MAX_CACHED_CORES:
+                _CORES.popitem(last=False)
+            return _CORES[key], time.perf_counter() - started
 
     def register(self, app: ClientApp) -> ClientApp:
         """Add the ``train.split_*`` and ``evaluate.split`` handlers to ``app``."""

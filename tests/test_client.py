@@ -161,3 +161,28 @@ def test_data_order_walks_epochs_and_drops_the_short_tail() -> None:
     again = batch_positions(10, 4, seed=1, client_id=0, epoch=0, position=0)
     other = batch_positions(10, 10, seed=1, client_id=0, epoch=1, position=0)
     assert torch.equal(first, again) and sorted(other.tolist()) == list(range(10))
+
+
+def test_client_app_pickles_and_copies_share_the_process_cache(tiny_config: SplitConfig) -> None:
+    """Ray unpickles the ClientApp for every message: the node's core must survive that."""
+    from flwr.app import Context
+    from ray import cloudpickle  # how Ray ships the ClientApp
+
+    from flwr_splitms.client import SplitClient
+
+    calls: list[int] = []
+
+    def model_fn(context: Context):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return build_split_model(tiny_config)[0]
+
+    client = SplitClient(model_fn, lambda context: client_data(tiny_config, 0, 2))
+    context = Context(
+        run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(), run_config={}
+    )
+    core, built = client.core(context)
+    copy_ = cloudpickle.loads(cloudpickle.dumps(client))
+    again, rebuilt = copy_.core(context)
+    assert again is core and rebuilt == 0.0 and built >= 0.0 and len(calls) == 1
+    other = SplitClient(model_fn, lambda context: client_data(tiny_config, 0, 2))
+    assert other.core(context)[0] is not core  # another app (another config) has its own cores
