@@ -48,3 +48,59 @@ def test_readme_server_and_client_blocks_train(
     history = pd.read_csv(tmp_path / "history.csv")
     assert list(history["round"]) == [1] and history["num_clients"].iloc[0] == 2
     assert history["uplink_raw_bytes"].iloc[0] / history["uplink_bytes"].iloc[0] > 12
+
+
+def test_every_python_block_of_the_readme_is_tested() -> None:
+    text = README.read_text()
+    blocks = re.findall(r"(<!-- tested: (\w+)[^>]*-->\s*)?```python\n", text)
+    assert blocks and all(tag for _, tag in blocks), "a python block without <!-- tested: -->"
+    assert {tag for _, tag in blocks} == {
+        "server_app",
+        "client_app",
+        "codecs",
+        "own_model",
+        "local_engine",
+        "history",
+    }
+
+
+def test_readme_codecs_block(capsys: pytest.CaptureFixture[str]) -> None:
+    exec(compile(readme_block("codecs"), "README-codecs", "exec"), {})
+    nbytes, error = capsys.readouterr().out.split()
+    assert int(nbytes) == 1216348 and 0.2 < float(error) < 0.3
+
+
+def test_readme_local_engine_and_own_model_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))  # the synthetic data's default root
+    for name in ("local_engine", "own_model"):
+        namespace: dict[str, object] = {}
+        exec(compile(readme_block(name), f"README-{name}", "exec"), namespace)
+        history = namespace["result"].history  # type: ignore[attr-defined]
+        assert history["test_accuracy"].notna().all()
+        assert (history["uplink_bytes"] < history["uplink_raw_bytes"]).all()
+    assert history["test_accuracy"].iloc[-1] > 0.8  # the README says about 0.93
+
+
+def test_readme_history_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    for policy, scale in (("none", 1.0), ("ms", 1 / 13.79)):
+        folder = tmp_path / "outputs" / "study" / "default" / "runs" / f"{policy}-deep-s0"
+        folder.mkdir(parents=True)
+        pd.DataFrame(
+            {
+                "round": [1, 2, 3],
+                "train_loss": [2.0, 1.5, 1.2],
+                "test_accuracy": [0.2, 0.3, 0.4],
+                "uplink_bytes": [1e6 * scale] * 3,
+                "downlink_bytes": [1e6] * 3,
+            }
+        ).to_csv(folder / "history.csv", index=False)
+        (folder / "run.json").write_text(json.dumps({"codec": policy, "cut": "deep"}))
+    exec(compile(readme_block("history"), "README-history", "exec"), {})
+    assert "1.86" in capsys.readouterr().out  # MS's total saving with raw gradients
