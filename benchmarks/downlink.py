@@ -6,12 +6,17 @@ Run by hand (not part of the tests)::
     nice .venv/bin/python benchmarks/downlink.py --quick      # smoke run
 
 The uplink is the paper's MS policy (ratio 0.99, 2 bits) in every run; only ``grad-codec``
-changes. Bytes per step are per client and come from the local engine's history (what
-``uplink_bytes`` and ``downlink_bytes`` count), so they are the exact wire sizes. The raw
-reference is float32 activations up and float32 gradients down (the same size), so "total
-saving" = 2 x raw / (up + down) and "uplink saving" = raw / up. Accuracy is the final test accuracy
-after the same number of steps with the same seeds (local engine), and its change against
-``grad-codec=none`` (raw gradients, the paper) per seed.
+changes. Two tables:
+
+* bytes: ResNet18 shallow at ``--bytes-batch`` (64: 64x64x32x32 activations), one client, the
+  first ``--bytes-steps`` training steps. Bytes per step come from the local engine's history
+  (what ``uplink_bytes`` and ``downlink_bytes`` count), so they are the exact wire sizes. The
+  raw reference is float32 activations up and float32 gradients down (the same size): "total
+  saving" = 2 x raw / (up + down), "uplink saving" = raw / up;
+* accuracy: the final test accuracy after the same number of steps with the same seeds (local
+  engine), and its change against ``grad-codec=none`` (raw gradients, the paper) per seed. By
+  default with the small CNN of ``steps_per_message.py`` (``--arch resnet18`` for the real
+  model: 28x the multiply-adds per image).
 """
 
 from __future__ import annotations

@@ -41,7 +41,6 @@ import os
 import platform
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -253,39 +252,7 @@ def measure_local(config: SplitConfig, clients: int) -> dict[str, float]:
     return row
 
 
-class ProcessCachedSplitClient(SplitClient):
-    """``SplitClient`` that Ray can ship to its actors, with a per-process cache of the cores.
-
-    Ray pickles the ClientApp with every message it hands an actor, so a cache held by the
-    instance arrives empty every time (and ``SplitClient``'s ``threading.Lock`` cannot be
-    pickled at all). Here the lock and the cache are dropped when pickled and, with
-    ``process_cache=True``, re-attached from a store on the (imported, not pickled)
-    ``flwr_splitms.client`` module, so an actor keeps its nodes' cores between messages.
-    """
-
-    def __init__(self, *args: Any, process_cache: bool = True, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.process_cache = process_cache
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("_lock", None)
-        state.pop("_cores", None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        import flwr_splitms.client as module
-
-        self.__dict__.update(state)
-        if not self.process_cache:
-            self._cores, self._lock = {}, threading.Lock()
-            return
-        if not hasattr(module, "_bench_process_cache"):
-            module._bench_process_cache = ({}, threading.Lock())  # type: ignore[attr-defined]
-        self._cores, self._lock = module._bench_process_cache  # type: ignore[attr-defined]
-
-
-def _split_client_app(config: SplitConfig, process_cache: bool) -> Any:
+def _split_client_app(config: SplitConfig) -> Any:
     """A ClientApp of the split protocol that also reports its codec time (for this benchmark).
 
     Runs in the Ray actors: the timers are installed there on the first message (the marker
@@ -303,7 +270,7 @@ def _split_client_app(config: SplitConfig, process_cache: bool) -> Any:
         node = context.node_config
         return client_data(config, int(node["partition-id"]), int(node["num-partitions"]))
 
-    split = ProcessCachedSplitClient(model_fn, data_fn, device="cpu", process_cache=process_cache)
+    split = SplitClient(model_fn, data_fn, device="cpu")
     app = ClientApp()
 
     def actor_timers() -> StepTimers:
@@ -334,9 +301,7 @@ def _split_client_app(config: SplitConfig, process_cache: bool) -> Any:
     return app
 
 
-def measure_flower(
-    config: SplitConfig, clients: int, num_cpus: float, process_cache: bool = True
-) -> dict[str, float]:
+def measure_flower(config: SplitConfig, clients: int, num_cpus: float) -> dict[str, float]:
     """Per-step figures of Flower's simulation engine, rounds 2..R."""
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
@@ -388,7 +353,7 @@ def measure_flower(
         try:
             run_simulation(
                 server_app=server,
-                client_app=_split_client_app(config, process_cache),
+                client_app=_split_client_app(config),
                 num_supernodes=clients,
                 backend_config={"client_resources": {"num_cpus": num_cpus, "num_gpus": 0.0}},
             )
@@ -414,7 +379,7 @@ def measure_flower(
     }
 
 
-ENGINES = ("local", "flower", "flower-nocache")
+ENGINES = ("local", "flower")
 COLUMNS = (
     "wall",
     "client",
@@ -453,12 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--steps", type=int, default=4, help="steps per round")
     parser.add_argument("--rounds", type=int, default=2, help="round 1 is the warm-up")
-    parser.add_argument(
-        "--engines",
-        nargs="+",
-        default=["local", "flower"],
-        help="flower-nocache: the ClientApp rebuilds its core (model, data) in every message",
-    )
+    parser.add_argument("--engines", nargs="+", default=list(ENGINES))
     parser.add_argument("--grad-codec", default="none")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (local)")
     parser.add_argument("--num-cpus", type=float, default=1.0, help="Ray CPUs per ClientApp")
@@ -484,8 +444,7 @@ def main(argv: list[str] | None = None) -> None:
                 if engine == "local":
                     row = measure_local(config, args.clients)
                 else:
-                    cached = engine == "flower"
-                    row = measure_flower(config, args.clients, args.num_cpus, cached)
+                    row = measure_flower(config, args.clients, args.num_cpus)
                 print(
                     f"batch {batch} {engine}: {row['wall']:.3f} s/step "
                     f"(run took {time.perf_counter() - tic:.0f} s)",

@@ -2,15 +2,17 @@
 
 Run by hand (not part of the tests)::
 
-    nice .venv/bin/python benchmarks/steps_per_message.py                 # the recorded table
-    nice .venv/bin/python benchmarks/steps_per_message.py --seeds 0 1 2   # more seeds
-    nice .venv/bin/python benchmarks/steps_per_message.py --quick         # smoke run
+    nice .venv/bin/python benchmarks/steps_per_message.py                   # the recorded table
+    nice .venv/bin/python benchmarks/steps_per_message.py --arch resnet18   # the paper's model
+    nice .venv/bin/python benchmarks/steps_per_message.py --quick           # smoke run
 
 With ``steps-per-message`` = K a client forwards K batches at the same weights and applies the
 K gradients one message later, so batch j of a block (j = 0..K-1) gets a parameter gradient taken
 at weights j updates old (K = 1 is the exact algorithm). Every K runs the same seeds, data order
 and number of steps (``--rounds`` x ``--steps-per-round``) with MS 0.99/2 bits on the uplink;
-the bytes per step are therefore the same for every K and only the accuracy differs.
+the bytes per step are therefore the same for every K and only the accuracy differs. The
+default model is ``small-cnn`` (:func:`small_cnn`): 20 M multiply-adds per image against
+ResNet18's 555 M, so that 15 runs fit on a shared CPU; ``--arch resnet18`` trains ResNet18.
 
 Columns: final test accuracy and training loss (mean and, with several seeds, the sample standard
 deviation), the accuracy change against K = 1, and the traffic to accuracy: total bytes (uplink
@@ -43,7 +45,7 @@ ARCHS = ("small-cnn", "resnet18")
 
 
 def small_cnn(num_classes: int, seed: int) -> tuple[nn.Module, nn.Module]:
-    """A split CNN about 25x cheaper per image than ResNet18, for accuracy studies on a CPU.
+    """A split CNN with 28x fewer multiply-adds per image than ResNet18, for studies on a CPU.
 
     The client half ends like ResNet18's shallow cut: a 32-channel 32x32 ReLU feature map per
     image (ResNet18's has 64 channels), so MS and the gradient codecs see the same kind of

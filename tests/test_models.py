@@ -19,7 +19,7 @@ from flwr_splitms.models import (
     split_model,
 )
 
-# DESIGN.md, "Models and cut points": per-sample activation shapes of the named cuts.
+# The README's "Models and cut points": per-sample activation shapes of the named cuts.
 EXPECTED_SHAPES = {
     ("vgg19", "shallow"): (64, 16, 16),
     ("vgg19", "medium"): (256, 4, 4),

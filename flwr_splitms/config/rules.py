@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -31,11 +32,12 @@ def closest(word: str, choices: Sequence[str]) -> str | None:
     return found[0] if found else None
 
 
-class Rule:
+class Rule(ABC):
     """A check of one (already type-correct) value; ``problem`` returns None when it is valid."""
 
+    @abstractmethod
     def problem(self, key: str, value: object) -> str | None:
-        raise NotImplementedError
+        """One line naming the problem, what is allowed and the closest valid value; or None."""
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ class _ArchSpec:
     cuts: Mapping[str, int]
 
 
-# Named cuts are the paper's Sec. 5.1 cut points at the activation shapes of DESIGN.md:
+# Named cuts are the paper's Sec. 5.1 cut points at these activation shapes (the README's
+# "Models and cut points"):
 #   vgg19:    after conv 2 (+pool) 64x16x16, conv 8 (+pool) 256x4x4, conv 15 512x2x2
 #   resnet18: after stem+layer1[0] 64x32x32, layer2 128x16x16, layer3 256x8x8
 #   resnet34: after stem+layer1[0] 64x56x56, layer2 128x28x28, layer3 256x14x14
