@@ -187,3 +187,23 @@ def test_stop_tree_stops_children_only_of_its_pid(tmp_path: Path) -> None:
     finally:
         sibling.kill()
         sibling.wait()
+
+
+def test_bad_run_config_ends_the_run_as_failed(tmp_path: Path, env: dict[str, str]) -> None:
+    """codec-ratio=1.5: one line naming the key, no training, and `flwr list` says failed."""
+    command = [
+        str(BIN / "flwr"), "run", str(APP), "--stream",
+        "--run-config", run_config(tmp_path, **{"codec-ratio": 1.5}),
+        "--federation-config", "num-supernodes=2",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path
+    )
+    output = done.stdout + done.stderr
+    assert "codec-ratio=1.5" in output and "[ROUND" not in output, output
+    listed = subprocess.run(
+        [str(BIN / "flwr"), "list", "--format", "json"],
+        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert "finished:failed" in listed.stdout, listed.stdout
