@@ -76,13 +76,15 @@ def test_uplink_reader_and_server_check_refuse_mutated_records() -> None:
             }
         )
         if rng.random() < 0.1:  # structural damage: a missing or foreign entry
-            choice = rng.randrange(3)
+            choice = rng.randrange(4)
             if choice == 0:
                 del record["labels.0"]
             elif choice == 1:
                 record["activations.0"] = Array(np.zeros(3, np.float32))
-            else:
+            elif choice == 2:
                 record["labels.0"] = Array(np.array([9.5, 1.0, 0.0, 1.0]))
+            else:
+                record["labels.0"] = Array(np.array(3))  # 0-d labels
         try:
             upload = P.read_smashed(RecordDict({P.SMASHED: record}))
             server.decode_upload(link, upload.blobs[0], upload.labels[0])

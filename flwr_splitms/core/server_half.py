@@ -203,7 +203,7 @@ class SplitServerCore:
             activations = link.uplink.decode(payload, device=self.device)
         except PayloadError as err:
             raise UplinkError(f"payload does not decode: {err}") from None
-        if activations.dim() < 1 or activations.shape[0] != labels.shape[0] or labels.dim() != 1:
+        if labels.dim() != 1 or activations.dim() < 1 or activations.shape[0] != labels.shape[0]:
             raise UplinkError(
                 f"activations of shape {tuple(activations.shape)} do not match "
                 f"{tuple(labels.shape)} labels"
