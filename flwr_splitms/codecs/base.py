@@ -24,7 +24,7 @@ from .error import compression_error
 from .params import Param
 from .payload import MAX_NDIM, MAX_NUMEL, Payload, PayloadError, shape_within_limits
 
-__all__ = ["Codec", "check_finite", "require_finite"]
+__all__ = ["Codec", "SinglePassCodec", "check_finite", "require_finite"]
 
 
 class Codec(ABC):
@@ -262,3 +262,42 @@ def check_finite(t: torch.Tensor, what: str) -> None:
     """PayloadError if a decoded tensor holds NaN or Inf (encoders never write them)."""
     if t.numel() and not _all_finite(t):
         raise PayloadError(f"{what} contain NaN or Inf")
+
+
+class SinglePassCodec(Codec):
+    """A codec whose encoder can measure its own error in the same pass (no second decode).
+
+    Subclasses implement :meth:`_encode_pass`; ``_encode`` and ``_encode_measured`` call it.
+    """
+
+    @abstractmethod
+    def _encode_pass(
+        self,
+        flat: torch.Tensor,
+        shape: tuple[int, ...],
+        *,
+        generator: torch.Generator | None,
+        train: bool,
+        measure: bool,
+    ) -> tuple[Payload, float]:
+        """The payload and, with ``measure``, the relative error the decoder will see."""
+
+    def _encode(
+        self,
+        flat: torch.Tensor,
+        shape: tuple[int, ...],
+        *,
+        generator: torch.Generator | None,
+        train: bool,
+    ) -> Payload:
+        return self._encode_pass(flat, shape, generator=generator, train=train, measure=False)[0]
+
+    def _encode_measured(
+        self,
+        flat: torch.Tensor,
+        shape: tuple[int, ...],
+        *,
+        generator: torch.Generator | None,
+        train: bool,
+    ) -> tuple[Payload, float]:
+        return self._encode_pass(flat, shape, generator=generator, train=train, measure=True)

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 
 from . import bitpack
-from .base import Codec, check_finite, require_finite
+from .base import SinglePassCodec, check_finite, require_finite
 from .dtypes import itemsize, tensor_from_bytes, tensor_to_bytes, to_host_bytes
 from .entropy import ENTROPY
 from .error import compression_error, relative_error
@@ -54,7 +54,7 @@ SIGN_FLAG = 0x01
 
 
 @register
-class MaskEncodedSparsification(Codec):
+class MaskEncodedSparsification(SinglePassCodec):
     """MS; params: ``ratio`` (0, 1) default 0.99, ``bits`` 1..8 default 2, ``rounding``
     ("nearest" | "floor"), ``signed`` ("auto" | True | False), ``scope`` ("tensor" | "sample"),
     ``entropy`` ("none" | "zstd": lossless stage on the sections, ``entropy.py``).
@@ -99,28 +99,14 @@ class MaskEncodedSparsification(Codec):
         d = math.prod(shape)
         return bitpack.packed_nbytes(d, self._bits + signed), rows * kr * itemsize(dtype)
 
-    def _encode(
+    def _encode_pass(
         self,
         flat: torch.Tensor,
         shape: tuple[int, ...],
         *,
         generator: torch.Generator | None,
         train: bool,
-    ) -> Payload:
-        return self._encode_impl(flat, shape, measure=False)[0]
-
-    def _encode_measured(
-        self,
-        flat: torch.Tensor,
-        shape: tuple[int, ...],
-        *,
-        generator: torch.Generator | None,
-        train: bool,
-    ) -> tuple[Payload, float]:
-        return self._encode_impl(flat, shape, measure=True)
-
-    def _encode_impl(
-        self, flat: torch.Tensor, shape: tuple[int, ...], *, measure: bool
+        measure: bool,
     ) -> tuple[Payload, float]:
         """Alg. 1 on the tensor's device; with ``measure``, also the error the decoder sees.
 

@@ -15,7 +15,7 @@ import struct
 import torch
 
 from . import bitpack
-from .base import Codec, require_finite
+from .base import SinglePassCodec, require_finite
 from .dtypes import to_host_bytes
 from .error import relative_error, squared_norm
 from .params import IntRange
@@ -30,7 +30,7 @@ _F32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal float32
 
 
 @register
-class UniformQuantization(Codec):
+class UniformQuantization(SinglePassCodec):
     """Min-max uniform quantization; params: ``bits`` in 1..16 (default 3)."""
 
     name = "qu"
@@ -48,28 +48,14 @@ class UniformQuantization(Codec):
     ) -> tuple[int, ...]:
         return bitpack.packed_nbytes(math.prod(shape), self._bits), _SCALES.size
 
-    def _encode(
+    def _encode_pass(
         self,
         flat: torch.Tensor,
         shape: tuple[int, ...],
         *,
         generator: torch.Generator | None,
         train: bool,
-    ) -> Payload:
-        return self._encode_impl(flat, shape, measure=False)[0]
-
-    def _encode_measured(
-        self,
-        flat: torch.Tensor,
-        shape: tuple[int, ...],
-        *,
-        generator: torch.Generator | None,
-        train: bool,
-    ) -> tuple[Payload, float]:
-        return self._encode_impl(flat, shape, measure=True)
-
-    def _encode_impl(
-        self, flat: torch.Tensor, shape: tuple[int, ...], *, measure: bool
+        measure: bool,
     ) -> tuple[Payload, float]:
         """Quantize on the tensor's device; with ``measure``, the dequantized values' error."""
         bits = self._bits

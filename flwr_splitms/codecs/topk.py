@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Codec, check_finite
+from .base import SinglePassCodec, check_finite
 from .dtypes import itemsize, tensor_from_bytes, tensor_to_bytes
 from .error import relative_error, squared_norm
 from .params import FloatRange, Param
@@ -28,7 +28,7 @@ RATIO = FloatRange("ratio", 0.99, 0.0, 1.0)
 
 
 @register
-class TopKCodec(Codec):
+class TopKCodec(SinglePassCodec):
     """Top-k sparsification; params: ``ratio`` in (0, 1), the fraction of elements dropped."""
 
     name = "sp"
@@ -54,33 +54,13 @@ class TopKCodec(Codec):
         """Sorted positions of the k elements to keep, given the magnitudes (1-D)."""
         return top_indices(mag.unsqueeze(0), k)[0]
 
-    def _encode(
+    def _encode_pass(
         self,
         flat: torch.Tensor,
         shape: tuple[int, ...],
         *,
         generator: torch.Generator | None,
         train: bool,
-    ) -> Payload:
-        return self._encode_impl(flat, shape, generator, train, measure=False)[0]
-
-    def _encode_measured(
-        self,
-        flat: torch.Tensor,
-        shape: tuple[int, ...],
-        *,
-        generator: torch.Generator | None,
-        train: bool,
-    ) -> tuple[Payload, float]:
-        return self._encode_impl(flat, shape, generator, train, measure=True)
-
-    def _encode_impl(
-        self,
-        flat: torch.Tensor,
-        shape: tuple[int, ...],
-        generator: torch.Generator | None,
-        train: bool,
-        *,
         measure: bool,
     ) -> tuple[Payload, float]:
         """Select on the tensor's device; with ``measure``, the norm of the dropped elements."""
