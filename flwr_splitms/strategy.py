@@ -39,7 +39,7 @@ from torch import nn
 
 from flwr_splitms import protocol as P
 from flwr_splitms.checkpoint import RunState
-from flwr_splitms.codecs import get_codec
+from flwr_splitms.codecs import Codec, get_codec
 from flwr_splitms.config import SplitConfig
 from flwr_splitms.core.accounting import RoundAccumulator, StepProgress, log_round
 from flwr_splitms.core.link import link_for
@@ -235,7 +235,7 @@ class MSSplitStrategy(FedAvg):
         return self.server.device
 
     @property
-    def codec(self) -> Any:
+    def codec(self) -> Codec:
         """The uplink codec."""
         return link_for(self.settings(0, self.base_lr)).uplink
 
