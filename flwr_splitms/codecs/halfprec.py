@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import Codec, check_finite
+from .base import SinglePassCodec, check_finite
 from .dtypes import tensor_from_bytes, tensor_to_bytes
 from .error import compression_error
 from .payload import Payload
@@ -31,7 +31,7 @@ from .registry import register
 __all__ = ["BFloat16", "Float16"]
 
 
-class _HalfPrecision(Codec):
+class _HalfPrecision(SinglePassCodec):
     """Values rounded to ``wire_dtype``; subclasses set the name, id and wire dtype."""
 
     wire_dtype: ClassVar[torch.dtype]
@@ -54,27 +54,18 @@ class _HalfPrecision(Codec):
             )
         return half
 
-    def _encode(
+    def _encode_pass(
         self,
         flat: torch.Tensor,
         shape: tuple[int, ...],
         *,
         generator: torch.Generator | None,
         train: bool,
-    ) -> Payload:
-        return self._payload(shape, flat.dtype, [tensor_to_bytes(self._round(flat))])
-
-    def _encode_measured(
-        self,
-        flat: torch.Tensor,
-        shape: tuple[int, ...],
-        *,
-        generator: torch.Generator | None,
-        train: bool,
+        measure: bool,
     ) -> tuple[Payload, float]:
         half = self._round(flat)  # the decoded tensor is ``half`` in the input dtype
         payload = self._payload(shape, flat.dtype, [tensor_to_bytes(half)])
-        return payload, compression_error(flat, half.to(flat.dtype))
+        return payload, compression_error(flat, half.to(flat.dtype)) if measure else math.nan
 
     def _decode(self, payload: Payload) -> torch.Tensor:
         return self._decode_to(payload, torch.device("cpu"))

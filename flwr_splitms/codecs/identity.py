@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .base import Codec, check_finite
+from .base import SinglePassCodec, check_finite
 from .dtypes import itemsize, tensor_from_bytes, tensor_to_bytes
 from .payload import Payload
 from .registry import register
@@ -19,7 +19,7 @@ __all__ = ["Identity"]
 
 
 @register
-class Identity(Codec):
+class Identity(SinglePassCodec):
     """Raw values in the input dtype; no parameters."""
 
     name = "none"
@@ -31,25 +31,16 @@ class Identity(Codec):
     ) -> tuple[int, ...]:
         return (math.prod(shape) * itemsize(dtype),)
 
-    def _encode(
+    def _encode_pass(
         self,
         flat: torch.Tensor,
         shape: tuple[int, ...],
         *,
         generator: torch.Generator | None,
         train: bool,
-    ) -> Payload:
-        return self._payload(shape, flat.dtype, [tensor_to_bytes(flat)])
-
-    def _encode_measured(
-        self,
-        flat: torch.Tensor,
-        shape: tuple[int, ...],
-        *,
-        generator: torch.Generator | None,
-        train: bool,
+        measure: bool,
     ) -> tuple[Payload, float]:
-        return self._encode(flat, shape, generator=generator, train=train), 0.0
+        return self._payload(shape, flat.dtype, [tensor_to_bytes(flat)]), 0.0  # lossless
 
     def _decode(self, payload: Payload) -> torch.Tensor:
         return self._decode_to(payload, torch.device("cpu"))
