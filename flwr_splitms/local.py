@@ -239,15 +239,8 @@ def _round(
             tic = time.perf_counter()
             batches = cores[c].forward(round_states[c], settings, range(step, step + count))
             slowest = max(slowest, time.perf_counter() - tic)
-            upload = ClientUpload(
-                c,
-                [b.blob for b in batches],
-                [b.labels for b in batches],
-                float(sum(b.raw_nbytes for b in batches)),
-                [b.error for b in batches],
-            )
-            acc.uplink(sum(len(b) for b in upload.blobs), upload.raw_nbytes, upload.errors)
-            uploads[c] = upload
+            uploads[c] = ClientUpload.of_batches(c, batches)
+            acc.uplink(uploads[c])
         acc.client_seconds += slowest
         tic = time.perf_counter()
         block = server.run_block(link, settings, uploads, step, count)
@@ -261,7 +254,7 @@ def _round(
         progress.update(step, block.losses[-1])
         slowest = 0.0
         for c in active:
-            acc.downlink(sum(len(b) for b in block.gradients[c]))
+            acc.downlink(block.gradients[c])
             tic = time.perf_counter()
             cores[c].backward(round_states[c], settings, block.gradients[c])
             slowest = max(slowest, time.perf_counter() - tic)

@@ -510,7 +510,7 @@ class MSSplitStrategy(FedAvg):
             )
             messages = {}
             for node, blobs in block.gradients.items():
-                acc.downlink(sum(len(b) for b in blobs))
+                acc.downlink(blobs)
                 content = RecordDict(
                     {self.configrecord_key: config, P.GRADIENT: P.gradient_record(blobs)}
                 )
@@ -548,7 +548,7 @@ class MSSplitStrategy(FedAvg):
                     "Node %d sent an unreadable reply (%s); dropped from the round", node, err
                 )
                 continue
-            acc.uplink(sum(len(b) for b in upload.blobs), upload.raw_nbytes, upload.errors)
+            acc.uplink(upload)
             uploads[node] = upload
         acc.client_seconds += max(
             (_metric(replies[n], P.CLIENT_SECONDS, 0.0) for n in uploads), default=0.0

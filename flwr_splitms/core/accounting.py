@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from flwr_splitms.core.server_half import ClientUpload
 
 log = logging.getLogger("flwr")
 
@@ -29,15 +32,15 @@ class RoundAccumulator:
     errors: list[float] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
-    def uplink(self, nbytes: float, raw_nbytes: float, errors: list[float]) -> None:
+    def uplink(self, upload: ClientUpload) -> None:
         """A client's upload: bytes sent, bytes the raw activations would take, measured errors."""
-        self.uplink_bytes += nbytes
-        self.uplink_raw_bytes += raw_nbytes
-        self.errors.extend(errors)
+        self.uplink_bytes += sum(len(blob) for blob in upload.blobs)
+        self.uplink_raw_bytes += upload.raw_nbytes
+        self.errors.extend(upload.errors)
 
-    def downlink(self, nbytes: float) -> None:
+    def downlink(self, blobs: Sequence[bytes]) -> None:
         """Gradient bytes sent to a client."""
-        self.downlink_bytes += nbytes
+        self.downlink_bytes += sum(len(blob) for blob in blobs)
 
     def row(self) -> dict[str, float]:
         """The history row of the round (evaluation columns are added by the engine)."""

@@ -19,6 +19,7 @@ from torch import nn
 
 from flwr_splitms.codecs import Codec, Payload, PayloadError
 from flwr_splitms.core.batches import grad_codec_generator, replayed_rng
+from flwr_splitms.core.client_half import EncodedBatch
 from flwr_splitms.core.link import Link
 from flwr_splitms.core.settings import StepSettings
 from flwr_splitms.data import BatchSource
@@ -133,6 +134,17 @@ class ClientUpload:
     labels: list[torch.Tensor]
     raw_nbytes: float = 0.0
     errors: list[float] = field(default_factory=list)
+
+    @classmethod
+    def of_batches(cls, client_id: int, batches: Sequence[EncodedBatch]) -> ClientUpload:
+        """The upload of a block that a client half encoded (no message in between)."""
+        return cls(
+            client_id,
+            [b.blob for b in batches],
+            [b.labels for b in batches],
+            float(sum(b.raw_nbytes for b in batches)),
+            [b.error for b in batches],
+        )
 
 
 @dataclass
