@@ -3,23 +3,29 @@
 Run by hand (minutes)::
 
     .venv/bin/python benchmarks/deployment_latency.py            # 2 SuperNodes, K = 1 and 8
-    .venv/bin/python benchmarks/deployment_latency.py --nodes 3 --poll default
+    .venv/bin/python benchmarks/deployment_latency.py --nodes 3 --settings warm
 
 It starts a SuperLink and N SuperNodes on loopback (private ``FLWR_HOME``, free ports, runtime
 dependency installation off), runs ``benchmarks/deployment_app`` (the example's ResNet18 split,
 shallow cut, batch 16, synthetic data) once per ``steps-per-message`` K, and stops every process
-it started by PID, also on Ctrl-C or an error. ``--poll`` runs the deployment with Flower's
-default SuperExec task poll (1 s) and/or with ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.05``.
+it started by PID, also on Ctrl-C or an error. ``--settings`` picks the deployments compared:
+Flower's own SuperExec with its default task poll (1 s, ``default``) or with
+``FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.05`` (``fast``), and SuperNodes with ``--isolation process``
+beside ``flwr-splitms-superexec``, which forks each ClientApp task from a template process that
+imported torch, Flower and flwr-splitms once (``warm``), and ``flwr-splitms-supernode``, which
+does the same and also bounds the SuperNode's idle poll to 0.2 s (``tuned``).
 
 Where each number comes from (all stamps are wall-clock times on this one machine):
 
 * server push       -- ServerApp: ``push_messages`` call to its return.
 * SuperNode poll    -- push returned -> the SuperNode logs "Received" (its idle loop sleeps 3 s
-                       between pulls; includes pulling the message's objects).
+                       between pulls, at most 0.2 s with flwr-splitms-supernode; includes pulling
+                       the message's objects). Negative where a node had its message before the
+                       push of every node's message returned.
 * SuperExec launch  -- "Received" -> the ``flwr-clientapp`` process exists (SuperExec's task poll,
                        ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``, default 1 s, plus fork/exec).
 * start+flwr import -- process created -> it logs "Start `flwr-clientapp` process" (interpreter
-                       start and Flower's imports).
+                       start and Flower's imports; a fork of the template has done both).
 * pull task         -- -> "Start FAB installation" (message, context and bundle from the SuperNode).
 * bundle install    -- "Start FAB installation" -> "Start ClientApp Loading".
 * app import        -- importing the app module (torch, torchvision, flwr_splitms): measured
@@ -61,7 +67,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 from flower_processes import Deployment, flower_env, run_config_string  # noqa: E402
 
 APP = Path(__file__).resolve().parent / "deployment_app"
-POLLS = {"default": None, "fast": "0.05"}
+#: Deployment settings: (SuperNode command, SuperExec, FLWR_SUPEREXEC_TASK_POLL_INTERVAL or None).
+SETTINGS = {
+    "default": ("flower-supernode", "flower-superexec", None),
+    "fast": ("flower-supernode", "flower-superexec", "0.05"),
+    "warm": ("flower-supernode --isolation process", "flwr-splitms-superexec", None),
+    "tuned": ("flwr-splitms-supernode", "flwr-splitms-superexec", None),
+}
 _LINE = re.compile(r"(DEBUG|INFO|WARNING|ERROR)\s+(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})(.*)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 COLUMNS = (
@@ -80,15 +92,22 @@ COLUMNS = (
 )
 
 
-def node_events(log: str) -> list[dict[str, float]]:
-    """Per message a SuperNode handled, the stamps of its log lines (needs FLWR_LOG_LEVEL=DEBUG)."""
+def node_events(*logs: str) -> list[dict[str, float]]:
+    """Per message a SuperNode handled, the stamps of its log lines (needs FLWR_LOG_LEVEL=DEBUG).
+
+    ``logs``: the SuperNode's log and, with ``flwr-splitms-superexec``, that SuperExec's log
+    (where its forked ClientApp processes write); their lines are merged in time order.
+    """
+    lines: list[tuple[float, str]] = []
+    for log in logs:
+        for raw in log.splitlines():
+            match = _LINE.search(_ANSI.sub("", raw))
+            if match:
+                stamp = datetime.strptime(match.group(2), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                lines.append((stamp, match.group(3)))
+    lines.sort(key=lambda line: line[0])
     events: list[dict[str, float]] = []
-    for raw in log.splitlines():
-        match = _LINE.search(_ANSI.sub("", raw))
-        if not match:
-            continue
-        stamp = datetime.strptime(match.group(2), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-        text = match.group(3)
+    for stamp, text in lines:
         if "Receiving:" in text and "split" in text:
             events.append({"received": stamp})
         elif events and "Start `flwr-clientapp` process" in text:
@@ -152,23 +171,25 @@ def breakdown(timing: dict[str, Any], logs: dict[int, list[dict[str, float]]]) -
 
 
 def run_setting(
-    poll: str, ks: list[int], args: argparse.Namespace, workdir: Path
+    setting: str, ks: list[int], args: argparse.Namespace, workdir: Path
 ) -> list[dict[str, Any]]:
-    """Start a deployment with SuperExec poll setting ``poll``; one run per K; stop it."""
+    """Start a deployment in ``setting`` (see SETTINGS); one run per K; stop it."""
     workdir.mkdir(parents=True, exist_ok=True)
     extra = {"FLWR_LOG_LEVEL": "DEBUG"}
-    if POLLS[poll] is not None:
-        extra["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(POLLS[poll])
+    _, _, poll = SETTINGS[setting]
+    if poll is not None:
+        extra["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = poll
     env = flower_env(workdir / "flwr-home", **extra)
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
     rows = []
     with Deployment(workdir, env) as dep:
-        dep.start_superlink()
-        dep.start_supernodes(args.nodes)
+        threads = str(args.server_threads or args.threads)
+        dep.start_superlink(env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
+        dep.start_supernodes(args.nodes, warm=setting == "warm", tuned=setting == "tuned")
         dep.wait_ready()
         for k in ks:
             steps = max(args.steps, 2 * k)
-            timing_file = workdir / f"timing-{poll}-{k}.json"
+            timing_file = workdir / f"timing-{setting}-{k}.json"
             config = run_config_string(
                 {
                     "synthetic-size": args.synthetic_size,
@@ -179,32 +200,39 @@ def run_setting(
                     "timing-file": str(timing_file),
                 }
             )
+            config = " ".join([config, *args.set])
             tic = time.monotonic()
             done = dep.flwr_run(APP, config, timeout=args.timeout)
             wall = time.monotonic() - tic
             if done.returncode != 0 or not timing_file.exists():
                 raise RuntimeError(f"run K={k} failed:\n{done.stdout}{done.stderr}{dep.tails()}")
             timing = json.loads(timing_file.read_text())
-            logs = {i: node_events(dep.log(f"supernode{i}")) for i in range(args.nodes)}
+            logs = {
+                i: node_events(dep.log(f"supernode{i}"), dep.log(f"superexec{i}"))
+                for i in range(args.nodes)
+            }
             row = breakdown(timing, logs)
-            rows.append({"poll": poll, "K": k, "flwr run s": wall, **row})
-            print(f"  done: poll={poll} K={k} ({wall:.0f} s)", file=sys.stderr, flush=True)
+            rows.append({"setting": setting, "K": k, "flwr run s": wall, **row})
+            print(f"  done: {setting} K={k} ({wall:.0f} s)", file=sys.stderr, flush=True)
     return rows
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    """Markdown table: one row per (poll setting, K), seconds unless named otherwise."""
-    heads = ["SuperExec poll", "K", "per step", "message", "first msg"]
+    """Markdown table: one row per (setting, K), seconds unless named otherwise."""
+    heads = ["SuperNode", "SuperExec", "task poll", "K", "per step", "message", "first msg"]
     heads += [name for name, _ in COLUMNS] + ["state KB"]
-    keys = ["poll", "K", "per step", "message", "first"] + [k for _, k in COLUMNS] + ["state KB"]
+    keys = ["node", "exec", "poll", "K", "per step", "message", "first"]
+    keys += [k for _, k in COLUMNS] + ["state KB"]
     print("| " + " | ".join(heads) + " |")
     print("|" + "|".join("---" for _ in heads) + "|")
     for row in rows:
         cells = []
+        node, superexec, poll = SETTINGS[row["setting"]]
+        names = {"node": node, "exec": superexec, "poll": poll or "1 (default)"}
+        if superexec.startswith("flwr-splitms"):
+            names["poll"] = "0.05 (its default)"
         for key in keys:
-            value = row[key]
-            if key == "poll":
-                value = POLLS[value] or "1 (default)"
+            value = names[key] if key in names else row[key]
             cells.append(f"{value:.2f}" if isinstance(value, float) else str(value))
         print("| " + " | ".join(cells) + " |")
 
@@ -219,29 +247,49 @@ def main() -> None:
     parser.add_argument("--k", type=int, nargs="+", default=[1, 8], help="steps-per-message")
     parser.add_argument("--steps", type=int, default=4, help="steps per round (>= 2K is used)")
     parser.add_argument("--synthetic-size", type=int, default=5000)
-    parser.add_argument("--poll", choices=["default", "fast", "both"], default="both")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        choices=sorted(SETTINGS),
+        default=["default", "fast", "warm", "tuned"],
+        help="default/fast: Flower's SuperNode and SuperExec, task poll 1 s or 0.05 s; warm: "
+        "flower-supernode --isolation process beside flwr-splitms-superexec (ClientApp tasks "
+        "forked from a preloaded template); tuned: flwr-splitms-supernode (warm SuperExec and "
+        "a 0.2 s idle poll)",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per ClientApp")
+    parser.add_argument(
+        "--server-threads", type=int, help="torch threads of the ServerApp (default: --threads)"
+    )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more run-config, e.g. --set grad-codec='\"fp16\"' (TOML values)",
+    )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument(
         "--workdir", type=Path, help="keep logs and timing files here (default: a temp folder)"
     )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    polls = ["default", "fast"] if args.poll == "both" else [args.poll]
     print(
         f"# {args.nodes} SuperNodes on loopback, ResNet18 shallow, batch 16, synthetic "
         f"{args.synthetic_size} images; {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}; torch threads: "
+        f"{args.threads} per client, {args.server_threads or args.threads} server; "
+        f"run-config: {' '.join(args.set) or 'the defaults'}",
         file=sys.stderr,
     )
     rows: list[dict[str, Any]] = []
-    for poll in polls:
+    for setting in args.settings:
         if args.workdir:
-            rows += run_setting(poll, args.k, args, args.workdir / poll)
+            rows += run_setting(setting, args.k, args, args.workdir / setting)
             continue
         with tempfile.TemporaryDirectory(prefix="flwr-bench-") as tmp:
-            rows += run_setting(poll, args.k, args, Path(tmp))
+            rows += run_setting(setting, args.k, args, Path(tmp))
     print_table(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

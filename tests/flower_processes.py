@@ -116,6 +116,7 @@ class Deployment:
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.templates: list[str] = []  # logs that show a flwr-splitms-superexec template start
         self.port = 0
 
     def __enter__(self) -> Deployment:
@@ -129,12 +130,17 @@ class Deployment:
     ) -> None:
         self.stop_all()
 
-    def start(self, name: str, *argv: str) -> subprocess.Popen[bytes]:
-        """Start ``argv`` (a Flower command in this venv) with its output in ``logs/NAME.log``."""
+    def start(
+        self, name: str, *argv: str, env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` (a Flower command in this venv) with its output in ``logs/NAME.log``.
+
+        ``env``: variables set for this process (and its children) on top of the deployment's.
+        """
         with (self.logs / f"{name}.log").open("ab") as handle:
             proc = subprocess.Popen(
                 [str(BIN / argv[0]), *argv[1:]],
-                env=self.env,
+                env={**self.env, **(env or {})},
                 stdout=handle,
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
@@ -142,12 +148,15 @@ class Deployment:
         self.procs[name] = proc
         return proc
 
-    def start_superlink(self) -> int:
-        """Start ``flower-superlink`` (Fleet, Control, Runtime APIs on one port) and name it."""
+    def start_superlink(self, env: Mapping[str, str] | None = None) -> int:
+        """Start ``flower-superlink`` (Fleet, Control, Runtime APIs on one port) and name it.
+
+        ``env``: extra variables for the SuperLink and the ServerApp processes it starts.
+        """
         self.port = free_port()
         self.start(
             "superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1",
-            "--port", str(self.port),
+            "--port", str(self.port), env=env,
         )  # fmt: skip
         home = Path(self.env["FLWR_HOME"])
         home.mkdir(parents=True, exist_ok=True)
@@ -157,19 +166,41 @@ class Deployment:
         )
         return self.port
 
-    def start_supernode(self, partition_id: int, num_partitions: int) -> subprocess.Popen[bytes]:
-        """Start SuperNode ``supernode<partition_id>`` holding that partition of the data."""
-        return self.start(
-            f"supernode{partition_id}", "flower-supernode", "--insecure",
+    def start_supernode(
+        self, partition_id: int, num_partitions: int, *, warm: bool = False, tuned: bool = False
+    ) -> subprocess.Popen[bytes]:
+        """Start SuperNode ``supernode<partition_id>`` holding that partition of the data.
+
+        ``warm``: the node runs with ``--isolation process`` beside ``flwr-splitms-superexec``
+        (``superexec<partition_id>``), which forks ClientApp tasks from a preloaded template.
+        ``tuned``: ``flwr-splitms-supernode`` instead of ``flower-supernode`` (short idle poll;
+        with ``warm`` off it starts ``flwr-splitms-superexec`` itself).
+        """
+        runtime_port = free_port()
+        node = self.start(
+            f"supernode{partition_id}",
+            "flwr-splitms-supernode" if tuned else "flower-supernode", "--insecure",
             "--superlink", f"127.0.0.1:{self.port}",
             "--node-config", f"partition-id={partition_id} num-partitions={num_partitions}",
-            "--port", str(free_port()),
+            "--port", str(runtime_port),
+            *(["--isolation", "process"] if warm else []),
         )  # fmt: skip
+        if warm:
+            self.start(
+                f"superexec{partition_id}", "flwr-splitms-superexec", "--insecure",
+                "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+                "--parent-pid", str(node.pid),
+            )  # fmt: skip
+        if warm or tuned:
+            self.templates.append(
+                f"superexec{partition_id}" if warm else f"supernode{partition_id}"
+            )
+        return node
 
-    def start_supernodes(self, count: int) -> None:
+    def start_supernodes(self, count: int, *, warm: bool = False, tuned: bool = False) -> None:
         """Start ``count`` SuperNodes with partitions ``0..count-1``."""
         for i in range(count):
-            self.start_supernode(i, count)
+            self.start_supernode(i, count, warm=warm, tuned=tuned)
 
     def log(self, name: str) -> str:
         """The output of process ``name`` so far."""
@@ -198,6 +229,11 @@ class Deployment:
         self.wait_for(lambda: superlink_healthy(self.port), "the SuperLink", timeout)
         for name in [n for n in self.procs if n.startswith("supernode")]:
             self.wait_for(self._registered(name), f"{name} to register", timeout)
+        for name in self.templates:
+            self.wait_for(self._template_ready(name), f"{name}'s SuperExec template", timeout)
+
+    def _template_ready(self, name: str) -> Callable[[], bool]:
+        return lambda: "template PID" in self.log(name)
 
     def _registered(self, name: str) -> Callable[[], bool]:
         return lambda: "SuperNode ID" in self.log(name)

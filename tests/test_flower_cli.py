@@ -125,6 +125,33 @@ def test_deployment_superlink_and_two_supernodes(tmp_path: Path, env: dict[str, 
     assert not [pid for pid in tree if _alive(pid)], "a process outlived Deployment.stop_all"
 
 
+@pytest.mark.parametrize("nodes", ["flwr-splitms-supernode", "isolation-process"])
+def test_deployment_with_forked_clientapps(tmp_path: Path, env: dict[str, str], nodes: str) -> None:
+    """ClientApp tasks forked from flwr-splitms-superexec's template, started by
+    ``flwr-splitms-supernode`` or beside ``flower-supernode --isolation process``."""
+    env = {**env, "FLWR_LOG_LEVEL": "DEBUG"}
+    tuned = nodes == "flwr-splitms-supernode"
+    with Deployment(tmp_path, env) as dep:
+        dep.start_superlink()
+        dep.start_supernodes(2, warm=not tuned, tuned=tuned)
+        dep.wait_ready()
+        done = dep.flwr_run(APP, run_config(tmp_path))
+        assert done.returncode == 0, done.stdout + done.stderr + dep.tails()
+        check_history(tmp_path / "out", clients=2)
+        for i in range(2):
+            log = dep.log(f"supernode{i}" if tuned else f"superexec{i}")
+            # round start (forward 1), gradient 1 + forward 2, round end: each a forked task
+            assert log.count("Forked flwr-clientapp") == 3, dep.tails()
+            assert "Start `flwr-clientapp` process" in log
+        tree = [
+            proc.pid
+            for p in dep.procs.values()
+            for proc in [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+        ]
+    # the SuperExecs, their templates and every forked task are stopped with the nodes
+    assert not [pid for pid in tree if _alive(pid)], "a process outlived Deployment.stop_all"
+
+
 def test_lost_supernode_costs_only_its_round(tmp_path: Path, env: dict[str, str]) -> None:
     """Three SuperNodes; one is killed (by PID) in round 1 of 2: the run completes, round 1
     averages the two survivors, round 2 trains on the two that are left."""
