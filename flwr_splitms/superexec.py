@@ -179,6 +179,7 @@ class Template:
             self._channel.send({"argv": list(argv), "suppress_output": suppress_output})
             reply = self._channel.recv(timeout)
         except (OSError, TimeoutError) as err:
+            self.close()  # a late answer would be read as the next task's: stop using it
             raise TemplateError(f"the template did not answer: {err}") from err
         if reply is None:
             raise TemplateError("the template exited")
@@ -418,7 +419,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def flower_superexec_loop() -> Any:
-    """Flower's SuperExec loop module; SystemExit naming the fix where this Flower lacks it."""
+    """Flower's SuperExec loop module; SystemExit naming the fix where it cannot run here."""
+    if not hasattr(os, "fork"):
+        raise SystemExit(
+            "flwr-splitms-superexec forks its tasks, and this platform has no os.fork "
+            "(it runs on Linux); use Flower's `flower-superexec`"
+        )
     try:
         from flwr.supercore.superexec import run_superexec as loop
     except ImportError as err:

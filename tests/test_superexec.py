@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -247,3 +248,23 @@ def test_task_poll_flag_sets_flowers_variable(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(SystemExit):
         superexec.main(["--task-poll-interval", "0.2", "--preload", "not_installed_anywhere"])
     assert os.environ[superexec.POLL_ENV] == "0.2"
+
+
+def test_a_template_that_does_not_answer_is_stopped_not_reused(probe: Path) -> None:
+    started = Template(preload=["json"], entry_points={"probe": "probe_task:record"})
+    started.start(timeout=60)
+    pid = started.pid
+    os.kill(pid, signal.SIGSTOP)  # alive, but it will never answer
+    with pytest.raises(TemplateError, match="did not answer"):
+        started.fork(["probe"], timeout=0.5)
+    assert not started.alive and not psutil.pid_exists(pid)
+    with pytest.raises(TemplateError, match="not running"):
+        started.fork(["probe"])
+
+
+def test_a_platform_without_fork_is_told_to_use_flowers_superexec(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delattr(os, "fork")
+    with pytest.raises(SystemExit, match=r"no os\.fork.*flower-superexec"):
+        superexec.flower_superexec_loop()
