@@ -80,7 +80,7 @@ def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
         action="store_true",
         help="start Flower's flower-superexec (a new process per message) instead",
     )
-    parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("-h", "--help", action="store_true", help="show this help and exit")
     args, rest = parser.parse_known_args(argv)
     if args.help:
         parser.print_help()
