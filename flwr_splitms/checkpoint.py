@@ -23,7 +23,9 @@ from flwr_splitms.storage import atomic_write_bytes
 CHECKPOINT_VERSION = 1
 _NAME = re.compile(r"^checkpoint-round-(\d+)\.pt$")
 # Keys that may differ between a run and its continuation.
-RESUMABLE_KEYS = frozenset({"resume", "num-server-rounds", "keep-checkpoints", "node-wait"})
+RESUMABLE_KEYS = frozenset(
+    {"resume", "num-server-rounds", "keep-checkpoints", "node-wait", "wait-factor", "wait-floor"}
+)
 
 
 @dataclass

@@ -135,7 +135,8 @@ class MSSplitStrategy(FedAvg):
     num_classes : bound of the labels clients may send; None = the last ``nn.Linear``'s outputs.
     node_wait : seconds to wait for ``min_available_nodes`` before stopping with
         :class:`NotEnoughNodesError` (``node-wait``).
-    wait_factor, wait_floor : the adaptive per-step wait (see :class:`AdaptiveWait`).
+    wait_factor, wait_floor : the adaptive per-step wait (see :class:`AdaptiveWait`;
+        ``wait-factor``, ``wait-floor``).
     poll_interval : seconds between the first pulls for replies.
     **fedavg_kwargs : ``FedAvg``'s own: ``fraction_train``, ``fraction_evaluate``,
         ``min_train_nodes``, ``min_evaluate_nodes``, ``min_available_nodes``,
@@ -167,8 +168,8 @@ class MSSplitStrategy(FedAvg):
         error_every: int = _DEFAULTS.error_every,
         num_classes: int | None = None,
         node_wait: float = _DEFAULTS.node_wait,
-        wait_factor: float = 5.0,
-        wait_floor: float = 10.0,
+        wait_factor: float = _DEFAULTS.wait_factor,
+        wait_floor: float = _DEFAULTS.wait_floor,
         poll_interval: float = 0.01,
         **fedavg_kwargs: Any,
     ) -> None:
@@ -263,6 +264,8 @@ class MSSplitStrategy(FedAvg):
             "eval_max_examples": config.eval_max_examples,
             "error_every": config.error_every,
             "node_wait": config.node_wait,
+            "wait_factor": config.wait_factor,
+            "wait_floor": config.wait_floor,
             "fraction_train": config.fraction_train,
             "fraction_evaluate": config.fraction_evaluate,
             "min_available_nodes": config.min_nodes,

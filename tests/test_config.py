@@ -108,6 +108,8 @@ def test_unknown_keys_kept_when_not_strict() -> None:
         ("keep-checkpoints", 0, "keep-checkpoints=0"),
         ("min-nodes", 0, "min-nodes=0"),
         ("node-wait", -1.0, "node-wait=-1.0: must be a number >= 0"),
+        ("wait-factor", 0.5, "wait-factor=0.5: must be a number >= 1"),
+        ("wait-floor", -1.0, "wait-floor=-1.0: must be a number >= 0"),
         ("resume", "yes", 'resume="yes": expects a bool'),
         ("momentum", 1.0, r"momentum=1.0: must be a number in \[0, 1\)"),
     ],

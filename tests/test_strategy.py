@@ -175,6 +175,17 @@ def test_keyword_defaults_equal_the_run_config_defaults() -> None:
             assert parameter.default == getattr(defaults, name), name
 
 
+def test_the_adaptive_wait_takes_its_run_config_keys() -> None:
+    config = SplitConfig(wait_factor=2.0, wait_floor=1.5, step_timeout=30.0)
+    strat = MSSplitStrategy.from_config(config, torch.nn.Linear(2, 2))
+    assert (strat.wait.factor, strat.wait.floor) == (2.0, 1.5)
+    for seconds in (1.0, 2.0, 3.0):
+        strat.wait.observe(seconds)
+    assert strat.wait.budget() == 4.0  # 2 x the median 2 s, above the 1.5 s floor
+    strat.wait.floor = 5.0
+    assert strat.wait.budget() == 5.0
+
+
 def test_fedavg_options_are_used_or_refused(tiny_config: SplitConfig) -> None:
     """train_config reaches the clients; renamed record keys and metric aggregation work."""
     from flwr.app import ConfigRecord, MetricRecord

@@ -124,6 +124,8 @@ class _Settings:
     resume: bool = False  # continue from the last checkpoint in output-dir
     keep_checkpoints: int = _setting(2, POSITIVE)
     step_timeout: float = _setting(600.0, Range(0, low_open=True))
+    wait_factor: float = _setting(5.0, Range(1))  # per-step wait: this x the median reply time
+    wait_floor: float = _setting(10.0, Range(0))  # ... and at least this many seconds
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
