@@ -30,9 +30,7 @@ from typing import Any
 import pandas as pd
 import torch
 from step_time import machine_line
-from steps_per_message import ARCHS, mean_sd, train
-
-from flwr_splitms.config import SplitConfig
+from steps_per_message import ARCHS, base_config, mean_sd, train
 
 # (label, grad_codec, grad-codec-* parameters)
 CHOICES: tuple[tuple[str, str, dict[str, Any]], ...] = (
@@ -102,24 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     wire: dict[str, dict[str, float]] = {}
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as data_root:
-        base = SplitConfig(
-            dataset="synthetic",
-            data_root=data_root,
-            num_classes=10,
-            synthetic_size=args.synthetic_size,
-            arch="resnet18",
-            cut="shallow",
-            codec="ms",
-            codec_ratio=0.99,
-            codec_bits=2,
-            batch_size=args.batch,
-            steps_per_round=args.steps_per_round,
-            num_server_rounds=args.rounds,
-            lr=args.lr,
-            lr_schedule="constant",
-            eval_max_examples=args.eval_examples,
-            device="cpu",
-        )
+        base = base_config(args, data_root).replace(codec_ratio=0.99, codec_bits=2)
         resnet = base.replace(
             batch_size=args.bytes_batch,
             steps_per_round=args.bytes_steps,

@@ -444,10 +444,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.environ[POLL_ENV] = str(args.task_poll_interval)
     else:
         os.environ.setdefault(POLL_ENV, str(DEFAULT_TASK_POLL_INTERVAL))
-    loop = flower_superexec_loop()
-    from flwr.common.logger import log as flower_log  # configures Flower's handler
-
-    del flower_log
+    loop = flower_superexec_loop()  # importing it also sets up Flower's log handler
     template = Template([*args.preload, *args.extra_preload])
     try:
         template.start(timeout=args.preload_timeout)

@@ -202,6 +202,14 @@ class Deployment:
         for i in range(count):
             self.start_supernode(i, count, warm=warm, tuned=tuned)
 
+    def tree(self) -> list[int]:
+        """PIDs of every process started here and of all their descendants, now."""
+        return [
+            proc.pid
+            for p in self.procs.values()
+            for proc in [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+        ]
+
     def log(self, name: str) -> str:
         """The output of process ``name`` so far."""
         path = self.logs / f"{name}.log"

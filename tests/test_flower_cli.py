@@ -116,11 +116,7 @@ def test_deployment_superlink_and_two_supernodes(tmp_path: Path, env: dict[str, 
         assert done.returncode == 0, done.stdout + done.stderr + dep.tails()
         check_history(tmp_path / "out", clients=2)
         assert set(dep.procs) == started and all(p.poll() is None for p in dep.procs.values())
-        tree = [
-            proc.pid
-            for p in dep.procs.values()
-            for proc in [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
-        ]
+        tree = dep.tree()
         assert len(tree) > len(started)  # the SuperExecs (and ServerApp) are stopped too
     assert not [pid for pid in tree if _alive(pid)], "a process outlived Deployment.stop_all"
 
@@ -143,11 +139,7 @@ def test_deployment_with_forked_clientapps(tmp_path: Path, env: dict[str, str], 
             # round start (forward 1), gradient 1 + forward 2, round end: each a forked task
             assert log.count("Forked flwr-clientapp") == 3, dep.tails()
             assert "Start `flwr-clientapp` process" in log
-        tree = [
-            proc.pid
-            for p in dep.procs.values()
-            for proc in [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
-        ]
+        tree = dep.tree()
     # the SuperExecs, their templates and every forked task are stopped with the nodes
     assert not [pid for pid in tree if _alive(pid)], "a process outlived Deployment.stop_all"
 
