@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from flwr_splitms.core.schedule import LR_SCALINGS, LR_SCHEDULES
+
 from . import codec_keys as K
 from .rules import Choices, NonEmpty, Range, Rule, closest, show
 
@@ -21,7 +23,6 @@ __all__ = ["LR_SCHEDULES", "ConfigError", "SplitConfig", "validate"]
 
 log = logging.getLogger("flwr")
 
-LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine", "step")
 _OPTION_FIELDS = ("codec_options", "grad_codec_options", "extra")
 Options = tuple[tuple[str, Any], ...]
 
@@ -79,6 +80,7 @@ def _setting(default: Any, rule: Rule | None = None) -> Any:
     return field(default=default, metadata={"rule": rule} if rule else {})
 
 
+WARMUP_STEPS = 10
 POSITIVE = Range(1, integer=True)
 COUNT = Range(0, integer=True)
 FRACTION_OPEN = Range(0, 1, low_open=True)  # (0, 1]
@@ -117,6 +119,8 @@ class _Settings:
     momentum: float = _setting(0.9, Range(0, 1, high_open=True))
     weight_decay: float = _setting(5e-4, Range(0))
     lr_schedule: str = _setting("cosine", Choices(lambda: LR_SCHEDULES, "lr schedule"))
+    lr_scaling: str = _setting("linear", Choices(lambda: LR_SCALINGS, "lr scaling"))
+    warmup_steps: int = _setting(WARMUP_STEPS, COUNT)  # linear lr ramp over the run's first steps
     augment: bool = True
     seed: int = _setting(42, COUNT)
     device: str = _setting("auto", _Device())
