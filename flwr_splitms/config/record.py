@@ -126,7 +126,7 @@ class _Settings:
     device: str = _setting("auto", _Device())
     output_dir: str = _setting("outputs", NonEmpty("outputs"))
     resume: bool = False  # continue from the last checkpoint in output-dir
-    keep_checkpoints: int = _setting(2, POSITIVE)
+    keep_checkpoints: int = _setting(1, POSITIVE)  # each about 90 MB for ResNet18 shallow
     step_timeout: float = _setting(600.0, Range(0, low_open=True))
     wait_factor: float = _setting(5.0, Range(1))  # per-step wait: this x the median reply time
     wait_floor: float = _setting(10.0, Range(0))  # ... and at least this many seconds
