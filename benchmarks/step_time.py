@@ -218,21 +218,22 @@ def bench_config(args: argparse.Namespace, batch: int, data_root: str) -> SplitC
 def measure_local(config: SplitConfig, clients: int) -> dict[str, float]:
     """Per-step figures of the local engine, rounds 2..R."""
     from flwr_splitms import local
+    from flwr_splitms.core.round import SplitRun
 
-    original_round = local._round
+    original_round = SplitRun.round
 
     with timers_installed() as timers:
 
-        def counted_round(*a: Any, **kw: Any) -> Any:
-            if a[5] == 2:  # server_round: the warm-up round is over
+        def counted_round(self: SplitRun, clients: Any, server_round: int, num_rounds: int) -> Any:
+            if server_round == 2:  # the warm-up round is over
                 timers.reset()
-            return original_round(*a, **kw)
+            return original_round(self, clients, server_round, num_rounds)
 
-        local._round = counted_round
+        SplitRun.round = counted_round  # type: ignore[method-assign]
         try:
             result = local.run_local(config, clients, evaluate=False)
         finally:
-            local._round = original_round
+            SplitRun.round = original_round  # type: ignore[method-assign]
         measured = result.history[result.history["round"] >= 2]
         steps = float(measured["steps"].sum())
         seconds = dict(timers.seconds)

@@ -44,7 +44,7 @@ class RunState:
     server_weights: dict[str, torch.Tensor]
     server_optimizer: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
-    cursors: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    cursors: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # DataCursor values
     sampler_state: Any = None
     run_config: dict[str, Any] = field(default_factory=dict)
 

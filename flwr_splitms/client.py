@@ -164,7 +164,7 @@ class SplitClient:
         settings = P.settings_from_config(config)
         state = self._state(msg, context)
         core.backward(state, settings, P.read_gradients(msg.content))
-        for key in (P.STATE_WEIGHTS, P.STATE_OPTIMIZER):  # the next round brings its weights
+        for key in (P.STATE_WEIGHTS, P.STATE_MOMENTUM):  # the next round brings its weights
             if key in context.state:
                 del context.state[key]
         for key, record in P.client_cursor_records(core.cursor(state)).items():

@@ -189,3 +189,11 @@ def flower_supernode() -> Callable[[], None]:
         "flwr.supernode.cli.flower_supernode", "flower_supernode", _USE_SUPERNODE
     )
     return entry
+
+
+def is_simulation_grid(grid: Any) -> bool:
+    """Whether ``grid`` is the in-memory grid of Flower's simulation engine (``flwr run`` with a
+    simulation federation, or ``run_simulation``), where nodes share Ray actors and a slow
+    reply is queued work, not a lost node."""
+    in_memory: type = _flower_name("flwr.superlink.grid.inmemory_grid", "InMemoryGrid")
+    return isinstance(grid, in_memory)

@@ -61,6 +61,7 @@ HISTORY_COLUMNS: tuple[str, ...] = (
     "lr",
     "steps",
     "num_clients",
+    "dropped_clients",
 )
 """Columns written by the local engine and the Flower example (one row per round)."""
 

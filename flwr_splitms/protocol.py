@@ -19,15 +19,16 @@ Array of stype ``flwr_splitms.payload``. This is the only module that knows thes
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from flwr_splitms.core.batches import BatchKey
+from flwr_splitms.core.batches import BatchKey, DataCursor
 from flwr_splitms.core.client_half import ClientState, EncodedBatch
 from flwr_splitms.core.server_half import ClientUpload
 from flwr_splitms.core.settings import StepSettings
@@ -96,7 +97,7 @@ CLIENT_ONLY_METRICS = (CLIENT_ID, *CURSOR)  # per-client facts that FedAvg must 
 
 # Keys of what a node keeps in ``context.state`` between messages.
 STATE_WEIGHTS = "splitms.weights"
-STATE_OPTIMIZER = "splitms.optimizer"
+STATE_MOMENTUM = "splitms.momentum"  # the SGD momentum of the round under way
 STATE_CURSOR = "splitms.cursor"
 
 
@@ -185,38 +186,43 @@ def only_record(records: Mapping[str, Any], default_key: str, what: str) -> Any:
     raise ValueError(f"message holds {len(records)} {what} records and none named {default_key!r}")
 
 
+def reply_metric(reply: Message, key: str, default: float = math.nan) -> float:
+    """A scalar metric of a client's reply (``default`` when absent or not a number)."""
+    value = reply.content.metric_records.get(METRICS, MetricRecord()).get(key, default)
+    return float(value) if isinstance(value, int | float) else default
+
+
 def failure_kind(reason: str) -> str:
     """An error reason with its numbers blanked: clients that differ only there fail alike."""
     return re.sub(r"\d+(\.\d+)?", "#", reason)
 
 
-def cursor_table(cursors: Mapping[int, tuple[int, int, int]]) -> list[int]:
+def cursor_table(cursors: Mapping[int, DataCursor]) -> list[int]:
     """The server's cursor record as a flat list for a ConfigRecord."""
     return [value for cid in sorted(cursors) for value in (cid, *cursors[cid])]
 
 
-def cursor_from_table(config: ConfigRecord, client_id: int) -> tuple[int, int, int] | None:
+def cursor_from_table(config: ConfigRecord, client_id: int) -> DataCursor | None:
     """This client's entry of the cursor record in a split_begin config, if any."""
     flat = config.get(CURSORS, [])
     if not isinstance(flat, list) or len(flat) % 4:
         raise ValueError(f"malformed {CURSORS!r} entry in split_begin config")
     for i in range(0, len(flat), 4):
         if int(flat[i]) == client_id:
-            return int(flat[i + 1]), int(flat[i + 2]), int(flat[i + 3])
+            return DataCursor(int(flat[i + 1]), int(flat[i + 2]), int(flat[i + 3]))
     return None
 
 
-def cursor_metrics(cursor: tuple[int, int, int]) -> dict[str, int]:
+def cursor_metrics(cursor: DataCursor) -> dict[str, int]:
     """The data cursor a client reports at round end."""
     return dict(zip(CURSOR, cursor, strict=True))
 
 
-def read_cursor(metrics: Mapping[str, Any]) -> tuple[int, int, int] | None:
+def read_cursor(metrics: Mapping[str, Any]) -> DataCursor | None:
     """Inverse of :func:`cursor_metrics` (None when the reply lacks it)."""
     if not all(key in metrics for key in CURSOR):
         return None
-    epoch, position, updates = (int(metrics[key]) for key in CURSOR)
-    return epoch, position, updates
+    return DataCursor(*(int(metrics[key]) for key in CURSOR))
 
 
 # -- arrays ----------------------------------------------------------------------------------
@@ -330,12 +336,12 @@ def client_state_records(state: ClientState) -> dict[str, ArrayRecord | ConfigRe
     )
     return {
         STATE_WEIGHTS: state_to_record(state.weights),
-        STATE_OPTIMIZER: state_to_record(state.momentum),
+        STATE_MOMENTUM: state_to_record(state.momentum),
         STATE_CURSOR: cursor,
     }
 
 
-def client_cursor_records(cursor: tuple[int, int, int]) -> dict[str, ConfigRecord]:
+def client_cursor_records(cursor: DataCursor) -> dict[str, ConfigRecord]:
     """What a node keeps between rounds: only its data cursor (weights come with the round)."""
     epoch, position, updates = cursor
     return {
@@ -345,12 +351,12 @@ def client_cursor_records(cursor: tuple[int, int, int]) -> dict[str, ConfigRecor
     }
 
 
-def client_cursor_from_records(records: RecordDict) -> tuple[int, int, int] | None:
+def client_cursor_from_records(records: RecordDict) -> DataCursor | None:
     """The data cursor a node kept, or None on its first round."""
     if STATE_CURSOR not in records.config_records:
         return None
     cursor = records.config_records[STATE_CURSOR]
-    return (
+    return DataCursor(
         config_int(cursor, "epoch"),
         config_int(cursor, "position"),
         config_int(cursor, "updates", 0),
@@ -363,12 +369,10 @@ def client_state_from_records(records: RecordDict) -> ClientState | None:
         return None
     cursor = records.config_records[STATE_CURSOR]
     flat = [int(v) for v in cursor.get("pending", [])]  # type: ignore[union-attr]
-    pending: list[BatchKey] = [
-        (flat[i], flat[i + 1], flat[i + 2], flat[i + 3]) for i in range(0, len(flat), 4)
-    ]
+    pending = [BatchKey(*flat[i : i + 4]) for i in range(0, len(flat), 4)]
     return ClientState(
         weights=record_to_state(records.array_records[STATE_WEIGHTS]),
-        momentum=record_to_state(records.array_records[STATE_OPTIMIZER]),
+        momentum=record_to_state(records.array_records[STATE_MOMENTUM]),
         epoch=config_int(cursor, "epoch"),
         position=config_int(cursor, "position"),
         updates=config_int(cursor, "updates", 0),

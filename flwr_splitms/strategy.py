@@ -1,70 +1,80 @@
-"""MSSplitStrategy: the Flower adapter for the server half of SplitFed.
+"""MSSplitStrategy: SplitFed with compressed cut-layer activations, as a Flower strategy.
 
-Flower's ClientApps only answer, so the strategy drives every step of a round: it sends the round
-start, then per block of steps it hands the clients' compressed activations to the server half
-(:class:`flwr_splitms.core.SplitServerCore`), which steps the server model and produces each
-client's gradient, and sends those back in the message that also asks for the next block (one
-round trip per block). At round end the client-side weights are averaged with FedAvg's own
-aggregation. Steps are driven with ``push_messages`` and a short polling loop:
-``send_and_receive`` of the HTTP grid sleeps 3 s between pulls, far longer than a step.
+Flower's ClientApps only answer, so the strategy drives every step of a round. The round loop
+is the core's (:class:`flwr_splitms.core.round.SplitRun`), shared with the local engine; here
+it reaches the clients through messages (:mod:`flwr_splitms.remote_clients` over
+:mod:`flwr_splitms.transport`). Which nodes train in a round and how their client-side weights
+are combined is decided by a Flower strategy, the ``aggregator`` (plain FedAvg by default):
+its ``configure_train`` samples the nodes and makes the round-start content, its
+``aggregate_train`` aggregates the weights the clients return at the round end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
-import statistics
-import time
-from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Message,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Result
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.serverapp.strategy import FedAvg, Result, Strategy
 from torch import nn
 
-from flwr_splitms import protocol as P
+from flwr_splitms.aggregators import check_aggregator
 from flwr_splitms.checkpoint import RunState
 from flwr_splitms.codecs import Codec, get_codec
 from flwr_splitms.config import SplitConfig
-from flwr_splitms.core.accounting import RoundAccumulator, StepProgress, log_round
+from flwr_splitms.core.batches import DataCursor
 from flwr_splitms.core.link import link_for
-from flwr_splitms.core.schedule import (
-    LR_SCHEDULES,
-    first_block,
-    lr_at_round,
-    plan_blocks,
-    scaled_lr,
-)
-from flwr_splitms.core.server_half import ClientUpload, SplitServerCore, evaluate_split
-from flwr_splitms.core.settings import StepSettings
+from flwr_splitms.core.round import RoundPlan, SplitRun, with_scores
+from flwr_splitms.core.server_half import SplitServerCore, evaluate_split
 from flwr_splitms.data import BatchSource
 from flwr_splitms.history import HISTORY_COLUMNS
+from flwr_splitms.protocol import (
+    CLIENT_ONLY_METRICS,
+    MAX_EXAMPLES,
+    METRICS,
+    NUM_EXAMPLES,
+    SPLIT_BEGIN,
+    SPLIT_EVALUATE,
+    read_smashed,
+    record_to_state,
+    state_to_record,
+)
+from flwr_splitms.remote_clients import RemoteClients, split_config
+from flwr_splitms.transport import (
+    AdaptiveWait,
+    ClientsFailedError,
+    NotEnoughNodesError,
+    Transport,
+    wait_for_nodes,
+)
+
+__all__ = [
+    "ClientsFailedError",
+    "MSSplitStrategy",
+    "NotEnoughNodesError",
+    "SplitResult",
+    "cast_like",
+    "wait_for_nodes",
+]
 
 log = logging.getLogger("flwr")
 _DEFAULTS = SplitConfig()
-
-
-class NotEnoughNodesError(RuntimeError):
-    """Fewer nodes connected than the run needs, after waiting ``node_wait`` seconds."""
-
-
-class ClientsFailedError(RuntimeError):
-    """Every client of an exchange failed with the same error: retrying cannot help."""
+_CONFIG_KEYWORDS = (  # SplitConfig attributes that are MSSplitStrategy keywords of the same name
+    *("codec", "codec_params", "grad_codec", "grad_codec_params", "lr", "momentum"),
+    *("weight_decay", "lr_schedule", "lr_scaling", "warmup_steps", "batch_size"),
+    *("steps_per_round", "steps_per_message", "augment", "seed", "device", "eval_batch_size"),
+    *("eval_max_examples", "error_every", "node_wait", "wait_factor", "wait_floor"),
+    *("fraction_train", "fraction_evaluate"),
+)
 
 
 @dataclass
@@ -74,11 +84,15 @@ class SplitResult(Result):
     history: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=HISTORY_COLUMNS))
 
 
-def cast_like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
-    """Give averaged arrays the dtypes of the originals (FedAvg's sum comes back as float64)."""
+def cast_like(arrays: ArrayRecord, reference: Mapping[str, Array | np.dtype]) -> ArrayRecord:
+    """Give aggregated arrays the clients' dtypes (FedAvg's sum comes back as float64).
+
+    ``reference`` maps keys to the clients' Arrays (an ArrayRecord) or to their dtypes.
+    """
     out = ArrayRecord()
     for key, value in arrays.items():
-        dtype = np.dtype(reference[key].dtype) if key in reference else None
+        ref = reference.get(key)
+        dtype = np.dtype(ref.dtype) if isinstance(ref, Array) else ref
         array = value.numpy()
         if dtype is not None and array.dtype != dtype:
             array = np.rint(array) if np.issubdtype(dtype, np.integer) else array
@@ -87,42 +101,33 @@ def cast_like(arrays: ArrayRecord, reference: ArrayRecord) -> ArrayRecord:
     return out
 
 
-class AdaptiveWait:
-    """How long to wait for the replies of a step: a multiple of the recent reply times.
-
-    A node that vanished mid-round is dropped after ``factor`` x the median time the last
-    replies took (at least ``floor`` seconds), not after the ``ceiling`` (``step-timeout``).
-    Until ``warmup`` replies have been seen, the ceiling applies.
-    """
-
-    def __init__(
-        self, ceiling: float, *, factor: float = 5.0, floor: float = 10.0, warmup: int = 3
-    ) -> None:
-        self.ceiling, self.factor, self.floor, self.warmup = ceiling, factor, floor, warmup
-        self.recent: deque[float] = deque(maxlen=50)
-
-    def budget(self) -> float:
-        """Seconds to wait for the next exchange."""
-        if len(self.recent) < self.warmup:
-            return self.ceiling
-        return min(self.ceiling, max(self.floor, self.factor * statistics.median(self.recent)))
-
-    def observe(self, seconds: float) -> None:
-        """A reply arrived ``seconds`` after its message was pushed."""
-        self.recent.append(seconds)
+@contextlib.contextmanager
+def _drawing_from(rng: random.Random) -> Iterator[None]:
+    """Flower's node sampling draws from the global ``random``: seed it from ``rng`` for the
+    call, and give the global state back afterwards."""
+    saved = random.getstate()
+    random.seed(rng.getrandbits(64))
+    try:
+        yield
+    finally:
+        random.setstate(saved)
 
 
 class MSSplitStrategy(FedAvg):
     """SplitFed with compressed cut-layer activations, as a Flower ``FedAvg`` strategy.
 
-    It holds the server-side model and its SGD optimizer (in a ``SplitServerCore``), the LR
-    schedule, and the codecs of both directions. ``start`` runs the rounds and returns a
-    :class:`SplitResult`; ``history`` holds the per-round metrics as a DataFrame. Defaults equal
-    :class:`~flwr_splitms.config.SplitConfig`'s (the run-config keys in brackets).
+    It holds the server-side model and its SGD optimizer, the learning-rate rule and the codecs
+    of both directions. ``start`` runs the rounds and returns a :class:`SplitResult`;
+    ``history`` holds the per-round metrics. Defaults equal :class:`SplitConfig`'s (the
+    run-config keys in brackets).
 
     Parameters
     ----------
     server_model : the server-side network (it is moved to ``device``).
+    aggregator : a Flower strategy (FedAvg, FedAvgM, FedAdam, FedMedian, Krum, FedTrimmedAvg,
+        a differential-privacy wrapper, ...) that samples each round's nodes and aggregates
+        their client-side weights; None = this strategy's own FedAvg. Strategies that need a
+        change on the client (FedProx's proximal term, client-side clipping) are refused.
     codec, codec_params : uplink codec of the activations and its parameters (``codec``,
         ``codec-*``); None = the codec's own defaults. Checked at construction.
     grad_codec, grad_codec_params : downlink codec of the gradients (``grad-codec``,
@@ -134,30 +139,31 @@ class MSSplitStrategy(FedAvg):
     warmup_steps : the run's first steps ramp the rate up linearly (``warmup-steps``; 0 = off).
     batch_size : examples per client and step (``batch-size``).
     steps_per_round : steps per round; 0 = one local epoch of the smallest sampled partition.
-    steps_per_message : K steps per round trip (``steps-per-message``); 1 = the exact algorithm;
-        K > 1 evaluates the client gradients of a block at the block's starting weights.
-    augment : random crop and flip of training batches (``augment``).
-    seed : seeds data order, augmentation and randomized codecs (``seed``).
+    steps_per_message : K steps per round trip (``steps-per-message``); 1 = the exact algorithm.
+    augment, seed : random crop and flip of training batches; seed of data order, augmentation,
+        randomized codecs and node sampling (``augment``, ``seed``).
     device : ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"`` for the server model.
     eval_batch_size, eval_max_examples : evaluation batches and examples (0 = all).
     error_every : measure the compression error every N-th step (``error-every``).
     num_classes : bound of the labels clients may send; None = the last ``nn.Linear``'s outputs.
     node_wait : seconds to wait for ``min_available_nodes`` before stopping with
         :class:`NotEnoughNodesError` (``node-wait``).
-    wait_factor, wait_floor : the adaptive per-step wait (see :class:`AdaptiveWait`;
-        ``wait-factor``, ``wait-floor``).
+    wait_factor, wait_floor : a deployed step waits ``wait_factor`` x the slowest recent reply,
+        at least ``wait_floor`` s, for its replies (:class:`~flwr_splitms.transport.AdaptiveWait`).
+    drop_slow : drop nodes slower than that wait; None = not in Flower's simulation engine,
+        where nodes share actors and a late reply is queued work (``step-timeout`` still bounds
+        a step there).
     poll_interval : seconds between the first pulls for replies.
-    **fedavg_kwargs : ``FedAvg``'s own: ``fraction_train``, ``fraction_evaluate``,
-        ``min_train_nodes``, ``min_evaluate_nodes``, ``min_available_nodes``,
-        ``arrayrecord_key``, ``configrecord_key``, ``train_metrics_aggr_fn``,
-        ``evaluate_metrics_aggr_fn``. ``weighted_by_key`` must stay ``"num-examples"`` (what the
-        split clients report).
+    **fedavg_kwargs : ``FedAvg``'s own (``fraction_train``, ``fraction_evaluate``,
+        ``min_train_nodes``, ``min_evaluate_nodes``, ``min_available_nodes``, the record keys,
+        the metric aggregation fns); ``weighted_by_key`` must stay ``"num-examples"``.
     """
 
     def __init__(
         self,
         server_model: nn.Module,
         *,
+        aggregator: Strategy | None = None,
         codec: str = _DEFAULTS.codec,
         codec_params: Mapping[str, Any] | None = None,
         grad_codec: str = _DEFAULTS.grad_codec,
@@ -181,33 +187,38 @@ class MSSplitStrategy(FedAvg):
         node_wait: float = _DEFAULTS.node_wait,
         wait_factor: float = _DEFAULTS.wait_factor,
         wait_floor: float = _DEFAULTS.wait_floor,
+        drop_slow: bool | None = None,
         poll_interval: float = 0.01,
         **fedavg_kwargs: Any,
     ) -> None:
         fedavg_kwargs.setdefault("fraction_evaluate", _DEFAULTS.fraction_evaluate)
-        weighted = fedavg_kwargs.get("weighted_by_key", P.NUM_EXAMPLES)
-        if weighted != P.NUM_EXAMPLES:
+        if fedavg_kwargs.get("weighted_by_key", NUM_EXAMPLES) != NUM_EXAMPLES:
             raise ValueError(
-                f"weighted_by_key={weighted!r} is not supported: split clients report their "
-                f"example counts as {P.NUM_EXAMPLES!r}; leave weighted_by_key unset"
+                f"weighted_by_key={fedavg_kwargs['weighted_by_key']!r} is not supported: split "
+                f"clients report their example counts as {NUM_EXAMPLES!r}; leave it unset"
             )
         super().__init__(**fedavg_kwargs)
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose one of {LR_SCHEDULES}")
-        scaled_lr(lr, batch_size, lr_scaling)  # an unknown lr_scaling fails here
-        for name, value, low in (
-            ("batch_size", batch_size, 1),
-            ("steps_per_round", steps_per_round, 0),
-            ("steps_per_message", steps_per_message, 1),
-            ("error_every", error_every, 1),
-            ("warmup_steps", warmup_steps, 0),
-        ):
-            if value < low:
-                raise ValueError(f"{name} must be >= {low}, got {value}")
-        self.codec_name, self.grad_codec_name = codec, grad_codec
-        self.codec_params = dict(get_codec(codec, **dict(codec_params or {})).params)
-        self.grad_codec_params = dict(grad_codec_params or {})
-        self.server = SplitServerCore(
+        self.aggregator = check_aggregator(aggregator)
+        plan = RoundPlan(
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            lr_schedule=lr_schedule,
+            lr_scaling=lr_scaling,
+            warmup_steps=warmup_steps,
+            batch_size=batch_size,
+            steps_per_round=steps_per_round,
+            steps_per_message=steps_per_message,
+            augment=augment,
+            seed=seed,
+            codec_name=codec,
+            codec_params=dict(get_codec(codec, **dict(codec_params or {})).params),
+            grad_codec_name=grad_codec,
+            grad_codec_params=dict(grad_codec_params or {}),
+            error_every=error_every,
+            eval_batch_size=eval_batch_size,
+        )
+        server = SplitServerCore(
             server_model,
             lr=lr,
             momentum=momentum,
@@ -215,151 +226,157 @@ class MSSplitStrategy(FedAvg):
             device=device,
             num_classes=num_classes,
         )
-        self.base_lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
-        self.lr_schedule = lr_schedule
-        self.lr_scaling, self.warmup_steps = lr_scaling, warmup_steps
-        self.batch_size = batch_size
-        self.steps_per_round = steps_per_round
-        self.steps_per_message = steps_per_message
-        self.augment = augment
-        self.seed = seed
-        self.eval_batch_size = eval_batch_size
-        self.eval_max_examples = eval_max_examples
-        self.error_every = error_every
-        self.node_wait = node_wait
-        self.poll_interval = poll_interval
+        self.plan, self.run = plan, SplitRun(server, plan)
+        self.eval_max_examples, self.node_wait = eval_max_examples, node_wait
         self.wait = AdaptiveWait(math.inf, factor=wait_factor, floor=wait_floor)
-        self.rows: list[dict[str, float]] = []
-        self.cursors: dict[int, tuple[int, int, int]] = {}  # client id -> its data cursor
-        self.round_callbacks: list[Callable[[int, ArrayRecord, dict[str, float]], None]] = []
-        link_for(self.settings(0, lr))  # fails early on a bad codec of either direction
-
-    @property
-    def server_model(self) -> nn.Module:
-        """The server-side network."""
-        return self.server.model
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        """The server-side SGD optimizer."""
-        return self.server.optimizer
-
-    @property
-    def device(self) -> torch.device:
-        """The server model's device."""
-        return self.server.device
-
-    @property
-    def codec(self) -> Codec:
-        """The uplink codec."""
-        return link_for(self.settings(0, self.base_lr)).uplink
+        self.drop_slow, self.poll_interval = drop_slow, poll_interval
+        self.round_callbacks: list[Callable[[int, ArrayRecord, dict[str, Any]], None]] = []
+        link_for(plan.settings(0))  # fails early on a bad codec of either direction
 
     @classmethod
     def from_config(
         cls, config: SplitConfig, server_model: nn.Module, **kwargs: Any
     ) -> MSSplitStrategy:
         """Build from a :class:`SplitConfig` (the example app's run-config)."""
-        settings: dict[str, Any] = {
-            "codec": config.codec,
-            "codec_params": config.codec_params,
-            "grad_codec": config.grad_codec,
-            "grad_codec_params": config.grad_codec_params,
-            "lr": config.lr,
-            "momentum": config.momentum,
-            "weight_decay": config.weight_decay,
-            "lr_schedule": config.lr_schedule,
-            "lr_scaling": config.lr_scaling,
-            "warmup_steps": config.warmup_steps,
-            "batch_size": config.batch_size,
-            "steps_per_round": config.steps_per_round,
-            "steps_per_message": config.steps_per_message,
-            "augment": config.augment,
-            "seed": config.seed,
-            "device": config.device,
-            "eval_batch_size": config.eval_batch_size,
-            "eval_max_examples": config.eval_max_examples,
-            "error_every": config.error_every,
-            "node_wait": config.node_wait,
-            "wait_factor": config.wait_factor,
-            "wait_floor": config.wait_floor,
-            "fraction_train": config.fraction_train,
-            "fraction_evaluate": config.fraction_evaluate,
-            "min_available_nodes": config.min_nodes,
-            "min_train_nodes": config.min_nodes,
-        }
-        settings.update(kwargs)
-        return cls(server_model, **settings)
+        settings = {key: getattr(config, key) for key in _CONFIG_KEYWORDS}
+        settings |= {"min_available_nodes": config.min_nodes, "min_train_nodes": config.min_nodes}
+        return cls(server_model, **(settings | kwargs))
 
-    def settings(
-        self, server_round: int, lr: float, *, train: bool = True, step_offset: int = 0
-    ) -> StepSettings:
-        """The round settings sent to the clients (inference settings with ``train=False``)."""
-        return StepSettings(
-            server_round=server_round,
-            lr=lr if train else 0.0,
-            momentum=self.momentum if train else 0.0,
-            weight_decay=self.weight_decay if train else 0.0,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            seed=self.seed,
-            augment=self.augment and train,
-            codec_name=self.codec_name,
-            codec_params=self.codec_params,
-            grad_codec_name=self.grad_codec_name,
-            grad_codec_params=self.grad_codec_params,
-            error_every=self.error_every,
-            warmup_steps=self.warmup_steps if train else 0,
-            step_offset=step_offset,
-        )
+    # -- what the strategy holds --------------------------------------------------------------
+    @property
+    def server_model(self) -> nn.Module:
+        """The server-side network."""
+        return self.run.server.model
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The server-side SGD optimizer."""
+        return self.run.server.optimizer
+
+    @property
+    def device(self) -> torch.device:
+        """The server model's device."""
+        return self.run.server.device
+
+    @property
+    def codec(self) -> Codec:
+        """The uplink codec."""
+        return link_for(self.plan.settings(0)).uplink
+
+    @property
+    def cursors(self) -> dict[int, DataCursor]:
+        """Where each client's data order stands (client id -> cursor), as the clients reported."""
+        return self.run.cursors
 
     @property
     def history(self) -> pd.DataFrame:
         """Per-round metrics so far (one row per round, columns HISTORY_COLUMNS and more)."""
-        extra = [k for row in self.rows for k in row if k not in HISTORY_COLUMNS]
-        return pd.DataFrame(self.rows, columns=list(dict.fromkeys([*HISTORY_COLUMNS, *extra])))
+        return self.run.history(HISTORY_COLUMNS)
 
     def summary(self) -> None:
         """Log the configuration."""
-        super().summary()
+        if self.aggregator is None:
+            super().summary()
+        else:
+            self.aggregator.summary()
+        p = self.plan
         log.info(
-            "\t└──> Split: codec %s %s | grad codec %s %s | lr %s (%s) | batch %d | "
-            "steps/round %s | steps/message %d | device %s",
-            self.codec_name,
-            self.codec_params,
-            self.grad_codec_name,
-            self.grad_codec_params,
-            self.base_lr,
-            self.lr_schedule,
-            self.batch_size,
-            self.steps_per_round or "one epoch",
-            self.steps_per_message,
-            self.device,
+            "\t└──> Split: codec %s %s | grad codec %s %s | lr %s at batch 64 (%s, scaling %s, "
+            "warmup %d) | batch %d | steps/round %s | steps/message %d | device %s",
+            *(p.codec_name, dict(p.codec_params), p.grad_codec_name, dict(p.grad_codec_params)),
+            *(p.lr, p.lr_schedule, p.lr_scaling, p.warmup_steps, p.batch_size),
+            *(p.steps_per_round or "one epoch", p.steps_per_message, self.device),
         )
 
-    # -- evaluation ---------------------------------------------------------------------------
-    def central_evaluator(
-        self,
-        client_model: nn.Module,
-        test_data: BatchSource,
-        *,
-        batch_size: int | None = None,
-        max_examples: int | None = None,
-    ) -> Callable[[int, ArrayRecord], MetricRecord]:
-        """An ``evaluate_fn`` for :meth:`start`: global client weights + this server model."""
-        client_model.to(self.device)
+    # -- Flower's hooks, for split messages ---------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """The round-start messages: the aggregator's sampling and content, as ``split_begin``.
 
-        def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            client_model.load_state_dict(P.record_to_state(arrays))
-            result = evaluate_split(
-                client_model,
-                self.server_model,
-                self.codec,
-                test_data,
-                batch_size=batch_size or self.eval_batch_size,
-                max_examples=self.eval_max_examples if max_examples is None else max_examples,
+        The round settings are merged into each message's config when the round starts.
+        """
+        wait_for_nodes(grid, self.min_available_nodes, self.node_wait)
+        with _drawing_from(self.run.rng):
+            if self.aggregator is None:
+                messages = super().configure_train(server_round, arrays, config, grid)
+            else:
+                messages = self.aggregator.configure_train(server_round, arrays, config, grid)
+        return [
+            Message(
+                m.content,
+                dst_node_id=m.metadata.dst_node_id,
+                message_type=SPLIT_BEGIN,
+                group_id=str(server_round),
             )
-            return MetricRecord(result)  # type: ignore[arg-type]
+            for m in messages
+        ]
 
-        return evaluate
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The aggregator's aggregate of the client weights, in the clients' own dtypes."""
+        replies = list(replies)
+        dtypes = {
+            k: np.dtype(a.dtype)
+            for r in replies[:1]
+            if not r.has_error()
+            for k, a in next(iter(r.content.array_records.values())).items()
+        }
+        if self.aggregator is None:
+            arrays, metrics = super().aggregate_train(server_round, replies)
+        else:
+            arrays, metrics = self.aggregator.aggregate_train(server_round, replies)
+        if arrays is not None:
+            arrays = cast_like(arrays, dtypes)
+        for key in CLIENT_ONLY_METRICS:
+            if metrics is not None and key in metrics:
+                del metrics[key]
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Federated evaluation: ``evaluate.split`` messages with the inference settings."""
+        if self.fraction_evaluate == 0.0:
+            return []
+        wait_for_nodes(grid, self.min_available_nodes, self.node_wait)
+        nodes = sorted(grid.get_node_ids())
+        size = max(int(len(nodes) * self.fraction_evaluate), self.min_evaluate_nodes)
+        settings = self.plan.settings(server_round, train=False)
+        content = RecordDict(
+            {
+                self.arrayrecord_key: arrays,
+                self.configrecord_key: split_config(
+                    settings, config, {MAX_EXAMPLES: self.eval_max_examples}
+                ),
+            }
+        )
+        return [
+            Message(content, dst_node_id=n, message_type=SPLIT_EVALUATE, group_id=str(server_round))
+            for n in sorted(self.run.rng.sample(nodes, min(size, len(nodes))))
+        ]
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Score the clients' compressed test activations on the server model, then aggregate."""
+        link = link_for(self.plan.settings(server_round, train=False))
+        scored, examples = [], 0
+        for reply in replies:
+            try:
+                scores = self.run.server.score_uploads(link, [read_smashed(reply.content)])
+            except ValueError as err:
+                log.warning("An evaluation reply is unusable (%s); ignored", err)
+                continue
+            if scores["num-examples"]:
+                examples += int(scores["num-examples"])
+                scored.append(RecordDict({METRICS: MetricRecord(scores)}))  # type: ignore[arg-type]
+        if not scored:
+            return None
+        aggregated = self.evaluate_metrics_aggr_fn(scored, self.weighted_by_key)
+        aggregated.setdefault(NUM_EXAMPLES, examples)
+        return aggregated
 
     # -- the run ------------------------------------------------------------------------------
     def start(
@@ -375,397 +392,119 @@ class MSSplitStrategy(FedAvg):
     ) -> SplitResult:
         """Run ``num_rounds`` SplitFed rounds (the rounds after ``resume.server_round``, if given).
 
-        ``timeout`` is the ceiling of each step's wait for replies (the wait adapts to the
-        observed reply times below it); ``train_config`` / ``evaluate_config`` entries reach
-        the clients in every training / evaluation message. ``resume`` (a checkpoint's
-        :class:`~flwr_splitms.checkpoint.RunState`) restores the server model, its optimizer,
-        the history, the clients' data cursors and the sampling RNG, and replaces
+        ``timeout`` bounds each step's wait for replies; ``train_config`` / ``evaluate_config``
+        entries reach the clients in every training / evaluation message. ``resume`` (a
+        checkpoint's :class:`~flwr_splitms.checkpoint.RunState`) restores the server model, its
+        optimizer, the history, the data cursors and the sampling RNG, and replaces
         ``initial_arrays`` with the saved global weights.
         """
         log.info("Starting %s: %d rounds", type(self).__name__, num_rounds)
         self.summary()
         self.wait.ceiling = timeout
-        result = SplitResult()
-        first_round = 1
+        transport = self.transport(grid)
+        result, arrays = SplitResult(), initial_arrays
         if resume is not None:
-            initial_arrays = self.restore(resume)
-            first_round = resume.server_round + 1
+            arrays = self.restore(resume)
             log.info("Resuming after round %d", resume.server_round)
-        result.arrays = initial_arrays
-        if evaluate_fn is not None and resume is None:
-            initial = evaluate_fn(0, initial_arrays)
-            if initial is not None:
-                result.evaluate_metrics_serverapp[0] = initial
-        arrays = initial_arrays
-        for server_round in range(first_round, num_rounds + 1):
-            new_arrays, row, train_metrics = self.train_round(
-                grid, server_round, num_rounds, arrays, timeout, train_config
+        elif evaluate_fn is not None and (initial := evaluate_fn(0, arrays)) is not None:
+            result.evaluate_metrics_serverapp[0] = initial
+        for server_round in range(self.run.first_round, num_rounds + 1):
+            new_arrays, row, metrics = self.train_round(
+                transport, server_round, num_rounds, arrays, train_config
             )
             if new_arrays is not None:
-                arrays = result.arrays = new_arrays
-            if train_metrics is not None:
-                result.train_metrics_clientapp[server_round] = train_metrics
-            fed = self.federated_evaluate(grid, server_round, arrays, timeout, evaluate_config)
+                arrays = new_arrays
+            if metrics is not None:
+                result.train_metrics_clientapp[server_round] = metrics
+            fed = self.federated_evaluate(transport, server_round, arrays, evaluate_config)
             if fed is not None:
                 result.evaluate_metrics_clientapp[server_round] = fed
-                row.update(
-                    fed_test_loss=_scalar(fed, "loss"), fed_test_accuracy=_scalar(fed, "accuracy")
-                )
-            if evaluate_fn is not None:
-                central = evaluate_fn(server_round, arrays)
-                if central is not None:
-                    result.evaluate_metrics_serverapp[server_round] = central
-                    row.update(
-                        test_loss=_scalar(central, "loss"),
-                        test_accuracy=_scalar(central, "accuracy"),
-                        test_top5=_scalar(central, "top5"),
-                    )
-            self.rows.append(row)
-            log_round(row, num_rounds)
+                with_scores(row, fed, prefix="fed_")
+            central = evaluate_fn(server_round, arrays) if evaluate_fn is not None else None
+            if central is not None:
+                result.evaluate_metrics_serverapp[server_round] = central
+                with_scores(row, central)
+            self.run.record(row, num_rounds)
             for callback in self.round_callbacks:
                 callback(server_round, arrays, row)
-        result.history = self.history
+        result.arrays, result.history = arrays, self.history
         return result
 
-    def run_state(self, server_round: int, arrays: ArrayRecord) -> RunState:
-        """Everything needed to continue after ``server_round`` (a checkpoint)."""
-        return RunState(
-            server_round=server_round,
-            client_weights=P.record_to_state(arrays),
-            server_weights={
-                k: v.detach().cpu().clone() for k, v in self.server_model.state_dict().items()
-            },
-            server_optimizer=self.optimizer.state_dict(),
-            history=[dict(row) for row in self.rows],
-            cursors=dict(self.cursors),
-            sampler_state=random.getstate(),
+    def transport(self, grid: Grid) -> Transport:
+        """How this run's messages move over ``grid`` (override to instrument it)."""
+        return Transport(
+            grid, self.wait, poll_interval=self.poll_interval, drop_slow=self.drop_slow
         )
-
-    def restore(self, state: RunState) -> ArrayRecord:
-        """Adopt a saved run state; returns the global client weights to continue from."""
-        self.server_model.load_state_dict(state.server_weights)
-        self.optimizer.load_state_dict(state.server_optimizer)
-        self.rows = [dict(row) for row in state.history]
-        self.cursors = dict(state.cursors)
-        if state.sampler_state is not None:
-            random.setstate(state.sampler_state)
-        return P.state_to_record(state.client_weights)
-
-    def _config(
-        self,
-        settings: StepSettings,
-        extra: ConfigRecord | None,
-        entries: Mapping[str, int | list[int]],
-    ) -> ConfigRecord:
-        config = P.settings_to_config(settings)
-        for key, value in (extra or {}).items():
-            if key in P.PROTOCOL_KEYS:
-                raise ValueError(
-                    f"train_config/evaluate_config key {key!r} is reserved by the split "
-                    f"protocol; rename it (reserved: {', '.join(P.PROTOCOL_KEYS)})"
-                )
-            config[key] = value
-        for key, value in entries.items():
-            config[key] = value
-        return config
 
     def train_round(
         self,
-        grid: Grid,
+        transport: Transport,
         server_round: int,
         num_rounds: int,
         arrays: ArrayRecord,
-        timeout: float,
         train_config: ConfigRecord | None = None,
-    ) -> tuple[ArrayRecord | None, dict[str, float], MetricRecord | None]:
-        """One round: begin, the per-block exchange, end and FedAvg. Failed nodes are dropped."""
-        base = scaled_lr(self.base_lr, self.batch_size, self.lr_scaling)
-        lr = lr_at_round(base, self.lr_schedule, server_round, num_rounds)
-        self.server.set_lr(lr)
-        offset = sum(int(row["steps"]) for row in self.rows)
-        settings = self.settings(server_round, lr, step_offset=offset)
-        link = link_for(settings)
-        acc = RoundAccumulator(server_round, lr)
-        node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes)
-        acc.num_clients = len(node_ids)
-        first = first_block(self.steps_per_round, self.steps_per_message)
-        begin = RecordDict(
-            {
-                self.arrayrecord_key: arrays,
-                self.configrecord_key: self._config(
-                    settings,
-                    train_config,
-                    {P.STEP: 0, P.NUM_BATCHES: first, P.CURSORS: P.cursor_table(self.cursors)},
-                ),
-            }
+    ) -> tuple[ArrayRecord | None, dict[str, Any], MetricRecord | None]:
+        """One round on the nodes the aggregator samples; the aggregate (None if it failed)."""
+        begin = self.configure_train(
+            server_round, arrays, ConfigRecord(dict(train_config or {})), transport.grid
         )
-        replies = self._exchange(
-            grid, _broadcast(begin, node_ids, P.SPLIT_BEGIN, server_round), timeout, acc
+        clients = RemoteClients(
+            transport,
+            {m.metadata.dst_node_id: m for m in begin},
+            configrecord_key=self.configrecord_key,
+            extra=train_config,
+            cursors=self.run.cursors,
         )
-        if not replies:
-            log.warning(
-                "Round %d: no client answered %s; round skipped", server_round, P.SPLIT_BEGIN
-            )
-            acc.num_clients = 0
-            return None, acc.row(), None
-        steps = self.steps_per_round or min(
-            int(_metric(r, P.NUM_EXAMPLES, 0)) // self.batch_size for r in replies.values()
-        )
-        blocks = plan_blocks(max(steps, 1), self.steps_per_message, first)
-        progress = StepProgress(f"Round {server_round}", sum(blocks))
-        step = 0
-        for index, count in enumerate(blocks):
-            uploads = self._uploads(replies, acc)
-            tic = time.perf_counter()
-            block = self.server.run_block(link, settings, uploads, step, count)
-            acc.server_seconds += time.perf_counter() - tic
-            for node, reason in block.dropped.items():
-                log.warning(
-                    "Node %d sent an unusable upload (%s); dropped from the round", node, reason
-                )
-            acc.losses.extend(block.losses)
-            step += count
-            if block.losses:
-                progress.update(step, block.losses[-1])
-            last = index == len(blocks) - 1
-            config = self._config(
-                settings,
-                train_config,
-                {P.STEP: step, P.NUM_BATCHES: 0 if last else blocks[index + 1]},
-            )
-            messages = {}
-            for node, blobs in block.gradients.items():
-                acc.downlink(blobs)
-                content = RecordDict(
-                    {self.configrecord_key: config, P.GRADIENT: P.gradient_record(blobs)}
-                )
-                messages[node] = Message(
-                    content,
-                    dst_node_id=node,
-                    message_type=P.SPLIT_END if last else P.SPLIT_STEP,
-                    group_id=str(server_round),
-                )
-            replies = self._exchange(grid, messages, timeout, acc) if messages else {}
-            if not replies:
-                log.warning("Round %d: every client dropped out at step %d", server_round, step)
-                break
-        row = acc.row()
-        if not replies or len(acc.losses) < sum(blocks):
-            return None, row, None
-        ordered = [replies[n] for n in _by_client_id(replies)]
-        for reply in ordered:
-            cursor = P.read_cursor(reply.content.metric_records.get(P.METRICS, MetricRecord()))
-            if cursor is not None:
-                self.cursors[int(_metric(reply, P.CLIENT_ID))] = cursor
-        new_arrays, train_metrics = self.aggregate_train(server_round, ordered)
-        return new_arrays, row, train_metrics
-
-    def _uploads(
-        self, replies: Mapping[int, Message], acc: RoundAccumulator
-    ) -> dict[int, ClientUpload]:
-        """The clients' uploads, with their costs counted; unreadable replies are dropped."""
-        uploads = {}
-        for node, reply in replies.items():
-            try:
-                upload = P.read_smashed(reply.content, int(_metric(reply, P.CLIENT_ID, node)))
-            except ValueError as err:
-                log.warning(
-                    "Node %d sent an unreadable reply (%s); dropped from the round", node, err
-                )
-                continue
-            acc.uplink(upload)
-            uploads[node] = upload
-        acc.client_seconds += max(
-            (_metric(replies[n], P.CLIENT_SECONDS, 0.0) for n in uploads), default=0.0
-        )
-        return uploads
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """FedAvg of the client weights, in the clients' own dtypes; client ids are not averaged."""
-        replies = list(replies)
-        arrays, metrics = super().aggregate_train(server_round, replies)
-        reference = next(
-            (next(iter(r.content.array_records.values())) for r in replies if not r.has_error()),
-            None,
-        )
-        if arrays is not None and reference is not None:
-            arrays = cast_like(arrays, reference)
-        for key in P.CLIENT_ONLY_METRICS:
-            if metrics is not None and key in metrics:
-                del metrics[key]
-        return arrays, metrics
+        outcome = self.run.round(clients, server_round, num_rounds)
+        if not outcome.ends:
+            return None, outcome.row, None
+        new_arrays, metrics = self.aggregate_train(server_round, [e.reply for e in outcome.ends])
+        return new_arrays, outcome.row, metrics
 
     def federated_evaluate(
         self,
-        grid: Grid,
+        transport: Transport,
         server_round: int,
         arrays: ArrayRecord,
-        timeout: float,
         evaluate_config: ConfigRecord | None = None,
     ) -> MetricRecord | None:
-        """Clients send compressed activations of their local test splits; the server scores.
-
-        Per-client scores are aggregated with ``evaluate_metrics_aggr_fn`` (weighted by
-        ``num-examples``).
-        """
-        if self.fraction_evaluate == 0.0:
-            return None
-        node_ids = self._sample(grid, self.fraction_evaluate, self.min_evaluate_nodes)
-        settings = self.settings(server_round, 0.0, train=False)
-        config = self._config(settings, evaluate_config, {P.MAX_EXAMPLES: self.eval_max_examples})
-        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        replies = self._exchange(
-            grid, _broadcast(content, node_ids, P.SPLIT_EVALUATE, server_round), timeout
+        """Clients send compressed activations of their local test splits; the server scores."""
+        messages = self.configure_evaluate(
+            server_round, arrays, evaluate_config or ConfigRecord(), transport.grid
         )
-        link = link_for(settings)
-        scored, examples = [], 0
-        for node, reply in replies.items():
-            try:
-                upload = P.read_smashed(reply.content)
-                scores = self.server.score_uploads(link, [upload])
-            except ValueError as err:
-                log.warning("Node %d sent an unusable evaluation reply (%s); ignored", node, err)
-                continue
-            if scores["num-examples"]:
-                examples += int(scores["num-examples"])
-                scored.append(RecordDict({P.METRICS: MetricRecord(scores)}))  # type: ignore[arg-type]
-        if not scored:
-            return None
-        aggregated = self.evaluate_metrics_aggr_fn(scored, self.weighted_by_key)
-        if P.NUM_EXAMPLES not in aggregated:
-            aggregated[P.NUM_EXAMPLES] = examples
-        return aggregated
+        exchange = transport.exchange({m.metadata.dst_node_id: m for m in messages})
+        return self.aggregate_evaluate(server_round, exchange.replies.values())
 
-    # -- messaging ----------------------------------------------------------------------------
-    def _sample(self, grid: Grid, fraction: float, minimum: int) -> list[int]:
-        """Sample nodes as FedAvg does: a fraction of those connected, at least ``minimum``."""
-        wait_for_nodes(grid, self.min_available_nodes, self.node_wait)
-        num_nodes = int(len(list(grid.get_node_ids())) * fraction)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, minimum))
-        return sorted(node_ids)
+    # -- checkpoints --------------------------------------------------------------------------
+    def run_state(self, server_round: int, arrays: ArrayRecord) -> RunState:
+        """Everything needed to continue after ``server_round`` (a checkpoint)."""
+        return self.run.run_state(server_round, record_to_state(arrays))
 
-    def _exchange(
+    def restore(self, state: RunState) -> ArrayRecord:
+        """Adopt a saved run state; returns the global client weights to continue from."""
+        return state_to_record(self.run.restore(state))
+
+    def central_evaluator(
         self,
-        grid: Grid,
-        messages: Mapping[int, Message],
-        timeout: float,
-        acc: RoundAccumulator | None = None,
-    ) -> dict[int, Message]:
-        """Push one message per node, poll for the replies; drop nodes that fail or time out.
+        client_model: nn.Module,
+        test_data: BatchSource,
+        *,
+        batch_size: int | None = None,
+        max_examples: int | None = None,
+    ) -> Callable[[int, ArrayRecord], MetricRecord]:
+        """An ``evaluate_fn`` for :meth:`start`: global client weights + this server model."""
+        client_model.to(self.device)
 
-        The wait adapts to the observed reply times (see :class:`AdaptiveWait`); ``timeout``
-        is its ceiling.
-        """
-        nodes = list(messages)
-        pushed = time.monotonic()
-        ids = list(grid.push_messages([messages[n] for n in nodes]))
-        ids += [""] * (len(nodes) - len(ids))  # the grid returns one id per message, in order
-        waiting = {mid: node for node, mid in zip(nodes, ids, strict=True) if mid}
-        for node, mid in zip(nodes, ids, strict=True):
-            if not mid:
-                log.warning("Node %d: message could not be pushed; dropped from the round", node)
-        replies: dict[int, Message] = {}
-        failures: dict[int, str] = {}
-        budget = min(timeout, self.wait.budget())
-        deadline = time.monotonic() + budget  # counted from the end of the push
-        pause = self.poll_interval
-        while waiting:  # pulls at least once, however long the push took
-            got = list(grid.pull_messages(list(waiting)))
-            for reply in got:
-                if reply.metadata.reply_to_message_id not in waiting:
-                    continue
-                node = waiting.pop(reply.metadata.reply_to_message_id)
-                self.wait.observe(time.monotonic() - pushed)
-                if reply.has_error():
-                    failures[node] = str(reply.error.reason)
-                else:
-                    replies[node] = reply
-            if not waiting or time.monotonic() >= deadline:
-                break
-            if got:
-                pause = self.poll_interval
-            else:
-                time.sleep(pause)
-                pause = min(pause * 1.5, 0.1)
-        _report_failures(failures, replies, len(nodes))
-        for node in waiting.values():
-            log.warning("Node %d did not answer within %.1fs; dropped from the round", node, budget)
-        if acc is not None:
-            elapsed = time.monotonic() - pushed
-            compute = max(
-                (_metric(r, P.CLIENT_SECONDS, 0.0) for r in replies.values()), default=0.0
+        def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            client_model.load_state_dict(record_to_state(arrays))
+            result = evaluate_split(
+                client_model,
+                self.server_model,
+                self.codec,
+                test_data,
+                batch_size=batch_size or self.plan.eval_batch_size,
+                max_examples=self.eval_max_examples if max_examples is None else max_examples,
             )
-            acc.message_seconds += max(elapsed - compute, 0.0)
-        return replies
+            return MetricRecord(result)  # type: ignore[arg-type]
 
-
-def wait_for_nodes(grid: Grid, minimum: int, wait: float) -> int:
-    """Wait up to ``wait`` seconds for ``minimum`` connected nodes; returns how many connected.
-
-    Raises :class:`NotEnoughNodesError` saying how to start more, instead of waiting forever.
-    """
-    deadline = time.monotonic() + wait
-    connected = len(list(grid.get_node_ids()))
-    while connected < minimum:
-        if time.monotonic() >= deadline:
-            raise NotEnoughNodesError(
-                f"{connected} node(s) connected after waiting {wait:g}s, the run needs {minimum} "
-                "(min-nodes): start more SuperNodes, or in simulation run with "
-                '--federation-config "num-supernodes=N", or lower min-nodes'
-            )
-        time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
-        connected = len(list(grid.get_node_ids()))
-    return connected
-
-
-def _report_failures(
-    failures: Mapping[int, str], replies: Mapping[int, Message], sent: int
-) -> None:
-    """One warning per kind of failure; stop the run when every node failed the same way."""
-    if not failures:
-        return
-    kinds: dict[str, list[int]] = {}
-    for node in sorted(failures):
-        kinds.setdefault(P.failure_kind(failures[node]), []).append(node)
-    if not replies and len(failures) == sent and len(kinds) == 1:
-        raise ClientsFailedError(
-            f"all {sent} clients failed the same way, so the run stops: {failures[min(failures)]}"
-        )
-    for nodes in kinds.values():
-        log.warning(
-            "Node%s %s failed (%s); dropped from the round",
-            "s" if len(nodes) > 1 else "",
-            ", ".join(map(str, nodes)),
-            failures[nodes[0]],
-        )
-
-
-def _broadcast(
-    content: RecordDict, node_ids: Iterable[int], message_type: str, server_round: int
-) -> dict[int, Message]:
-    """One message with the same content per node, grouped by round."""
-    return {
-        node: Message(
-            content, dst_node_id=node, message_type=message_type, group_id=str(server_round)
-        )
-        for node in node_ids
-    }
-
-
-def _scalar(record: Mapping[str, Any], key: str, default: float = math.nan) -> float:
-    """A scalar entry of a MetricRecord (``default`` when absent or not a number)."""
-    value = record.get(key, default)
-    return float(value) if isinstance(value, int | float) else default
-
-
-def _metric(reply: Message, key: str, default: float = math.nan) -> float:
-    """A scalar metric of a client's reply."""
-    metrics = reply.content.metric_records.get(P.METRICS, MetricRecord())
-    return _scalar(metrics, key, default)
-
-
-def _by_client_id(replies: Mapping[int, Message]) -> list[int]:
-    """Node ids ordered by the clients' partition ids (the local engine's order)."""
-    return sorted(replies, key=lambda node: _metric(replies[node], P.CLIENT_ID))
+        return evaluate

@@ -179,11 +179,11 @@ def test_the_adaptive_wait_takes_its_run_config_keys() -> None:
     config = SplitConfig(wait_factor=2.0, wait_floor=1.5, step_timeout=30.0)
     strat = MSSplitStrategy.from_config(config, torch.nn.Linear(2, 2))
     assert (strat.wait.factor, strat.wait.floor) == (2.0, 1.5)
-    for seconds in (1.0, 2.0, 3.0):
+    for seconds in (1.0, 3.0, 2.0):  # the slowest reply of three exchanges
         strat.wait.observe(seconds)
-    assert strat.wait.budget() == 4.0  # 2 x the median 2 s, above the 1.5 s floor
-    strat.wait.floor = 5.0
-    assert strat.wait.budget() == 5.0
+    assert strat.wait.budget() == 6.0  # 2 x the slowest 3 s, above the 1.5 s floor
+    strat.wait.floor = 7.0
+    assert strat.wait.budget() == 7.0
 
 
 def test_fedavg_options_are_used_or_refused(tiny_config: SplitConfig) -> None:

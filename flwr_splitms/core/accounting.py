@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,13 @@ class RoundAccumulator:
     message_seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
     errors: list[float] = field(default_factory=list)
+    dropped: dict[object, str] = field(default_factory=dict)  # node -> why it left the round
+    extra: dict[str, float | str] = field(default_factory=dict)  # engine-specific columns
     started: float = field(default_factory=time.perf_counter)
+
+    def drop(self, node: object, reason: str) -> None:
+        """A sampled client left the round (its first reason is kept)."""
+        self.dropped.setdefault(node, reason)
 
     def uplink(self, upload: ClientUpload) -> None:
         """A client's upload: bytes sent, bytes the raw activations would take, measured errors."""
@@ -42,7 +49,7 @@ class RoundAccumulator:
         """Gradient bytes sent to a client."""
         self.downlink_bytes += sum(len(blob) for blob in blobs)
 
-    def row(self) -> dict[str, float]:
+    def row(self) -> dict[str, Any]:
         """The history row of the round (evaluation columns are added by the engine)."""
         measured = [e for e in self.errors if not math.isnan(e)]
         return {
@@ -59,16 +66,18 @@ class RoundAccumulator:
             "lr": self.lr,
             "steps": len(self.losses),
             "num_clients": self.num_clients,
+            "dropped_clients": len(self.dropped),
             "round_seconds": time.perf_counter() - self.started,
+            **self.extra,
         }
 
 
-def log_round(row: dict[str, float], num_rounds: int, engine: str = "ROUND") -> None:
+def log_round(row: Mapping[str, Any], num_rounds: int, engine: str = "ROUND") -> None:
     """The one log line per round that both engines print."""
     accuracy = row.get("test_accuracy", math.nan)
     log.info(
         "[%s %d/%d] train loss %.4f | test acc %s | uplink %.2f MB (raw %.2f MB) | "
-        "downlink %.2f MB | %d clients, %d steps, %.1fs",
+        "downlink %.2f MB | %d clients%s, %d steps, %.1fs",
         engine,
         int(row["round"]),
         num_rounds,
@@ -78,6 +87,7 @@ def log_round(row: dict[str, float], num_rounds: int, engine: str = "ROUND") -> 
         row.get("uplink_raw_bytes", 0.0) / 1e6,
         row.get("downlink_bytes", 0.0) / 1e6,
         int(row.get("num_clients", 0)),
+        f" ({int(row['dropped_clients'])} dropped)" if row.get("dropped_clients") else "",
         int(row.get("steps", 0)),
         row.get("round_seconds", 0.0),
     )

@@ -8,12 +8,28 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
 from flwr_splitms.seeding import derive_seed, generator
 
-BatchKey = tuple[int, int, int, int]  # (epoch, position, round, step) of a batch
+
+class BatchKey(NamedTuple):
+    """Which batch a pending step is: where it starts in the data order, and its round and step."""
+
+    epoch: int
+    position: int
+    server_round: int
+    step: int
+
+
+class DataCursor(NamedTuple):
+    """Where a client's data order stands between rounds, and how many SGD steps it has taken."""
+
+    epoch: int
+    position: int
+    updates: int
 
 
 def take_batch(

@@ -26,6 +26,7 @@ from torch import nn
 from flwr_splitms.codecs import Payload
 from flwr_splitms.core.batches import (
     BatchKey,
+    DataCursor,
     augment_generator,
     batch_positions,
     codec_generator,
@@ -126,13 +127,13 @@ class SplitClientCore:
 
     # -- state --------------------------------------------------------------------------------
     def start_round(
-        self, global_weights: Mapping[str, torch.Tensor], cursor: tuple[int, int, int] | None
+        self, global_weights: Mapping[str, torch.Tensor], cursor: DataCursor | None
     ) -> ClientState:
         """The state at a round's start: the global weights and this client's data cursor.
 
-        ``cursor`` is (epoch, position, updates), where the previous round left the client's data
-        order; None on its first round. Momentum starts from zero every round, as a fresh local
-        optimizer in FedAvg does, so a round depends only on the global weights and the cursor.
+        ``cursor`` is where the previous round left the client's data order; None on its first
+        round. Momentum starts from zero every round, as a fresh local optimizer in FedAvg does,
+        so a round depends only on the global weights and the cursor.
         """
         state = ClientState(
             weights={k: v.detach().cpu().clone() for k, v in global_weights.items()}
@@ -144,9 +145,9 @@ class SplitClientCore:
         return state
 
     @staticmethod
-    def cursor(state: ClientState) -> tuple[int, int, int]:
-        """Where the client's data order stands: (epoch, position, updates)."""
-        return state.epoch, state.position, state.updates
+    def cursor(state: ClientState) -> DataCursor:
+        """Where the client's data order stands."""
+        return DataCursor(state.epoch, state.position, state.updates)
 
     def _ensure_loaded(self, state: ClientState) -> None:
         if self._holds is not state:
@@ -184,10 +185,12 @@ class SplitClientCore:
         self, settings: StepSettings, key: BatchKey
     ) -> contextlib.AbstractContextManager[None]:
         """Dropout draws of a batch's forward pass, the same when it is recomputed."""
-        return replayed_rng(self.device, settings.seed, "forward", self.client_id, key[2], key[3])
+        return replayed_rng(
+            self.device, settings.seed, "forward", self.client_id, key.server_round, key.step
+        )
 
     def _codec_rng(self, settings: StepSettings, key: BatchKey) -> torch.Generator:
-        return codec_generator(settings.seed, self.client_id, key[2], key[3])
+        return codec_generator(settings.seed, self.client_id, key.server_round, key.step)
 
     # -- the protocol's two halves ------------------------------------------------------------
     def forward(
@@ -207,7 +210,7 @@ class SplitClientCore:
         batches = []
         for step in steps:
             epoch, position = self._advance(state, settings.batch_size)
-            key = (epoch, position, settings.server_round, step)
+            key = BatchKey(epoch, position, settings.server_round, step)
             x, y = self._inputs(settings, key)
             with torch.set_grad_enabled(self.keep_graph), self._model_rng(settings, key):
                 activations = self.model(x)
@@ -224,7 +227,7 @@ class SplitClientCore:
         self, link: Link, activations: torch.Tensor, settings: StepSettings, key: BatchKey
     ) -> tuple[Payload, float]:
         rng = self._codec_rng(settings, key)
-        if settings.measures_error(key[3]):
+        if settings.measures_error(key.step):
             return link.uplink.encode_measured(activations, generator=rng, train=True)
         return link.uplink.encode(activations, generator=rng, train=True), math.nan
 
@@ -269,7 +272,7 @@ class SplitClientCore:
                     activations, params, gradient.to(activations.dtype), allow_unused=True
                 )
             )
-        lrs = [settings.lr_at(key[3]) for key in state.pending]
+        lrs = [settings.lr_at(key.step) for key in state.pending]
         self._sgd(state, settings, params, updates, lrs)
         state.updates += len(state.pending)
         state.pending = []

@@ -8,6 +8,7 @@ one machine (the benchmark runs on loopback), so they can be compared across pro
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from flwr_splitms import protocol as P
 from flwr_splitms.config import SplitConfig
-from flwr_splitms.core.accounting import RoundAccumulator
 from flwr_splitms.experiment import build_split_model
 from flwr_splitms.strategy import MSSplitStrategy
+from flwr_splitms.transport import Exchange, Transport
 
 app = ServerApp()
 
@@ -41,12 +42,13 @@ class StampedGrid:
         return getattr(self._grid, name)
 
 
-class TimedStrategy(MSSplitStrategy):
-    """MSSplitStrategy that keeps a record of every exchange's timing."""
+class TimedTransport(Transport):
+    """The strategy's transport, keeping a record of every exchange's timing."""
 
     exchanges: list[dict[str, Any]]
 
-    def _exchange(self, grid, messages, timeout, acc: RoundAccumulator | None = None):  # type: ignore[no-untyped-def, override]
+    def exchange(self, messages: Mapping[int, Message]) -> Exchange:
+        grid = self.grid
         record: dict[str, Any] = {"type": "", "entered": time.time(), "replies": {}}
         if messages:
             record["type"] = next(iter(messages.values())).metadata.message_type
@@ -59,21 +61,34 @@ class TimedStrategy(MSSplitStrategy):
             pushed.extend(ids)
             return ids
 
-        grid.push_messages = stamped_push
+        grid.push_messages = stamped_push  # type: ignore[method-assign]
         try:
-            replies = super()._exchange(grid, messages, timeout, acc)
+            result = super().exchange(messages)
         finally:
             del grid.push_messages
         record["returned"] = time.time()
         by_node = dict(zip(list(messages), pushed, strict=False))
-        for node, reply in replies.items():
+        for node, reply in result.replies.items():
             metrics = reply.content.metric_records.get(P.METRICS, MetricRecord())
             record["replies"][str(node)] = {
-                "arrived": grid.arrived.get(by_node.get(node, ""), record["returned"]),
+                "arrived": grid.arrived.get(by_node.get(node, ""), record["returned"]),  # type: ignore[attr-defined]
                 **{k: v for k, v in metrics.items() if isinstance(v, int | float)},
             }
         self.exchanges.append(record)
-        return replies
+        return result
+
+
+class TimedStrategy(MSSplitStrategy):
+    """MSSplitStrategy whose transport keeps a record of every exchange's timing."""
+
+    exchanges: list[dict[str, Any]]
+
+    def transport(self, grid: Grid) -> Transport:
+        timed = TimedTransport(
+            grid, self.wait, poll_interval=self.poll_interval, drop_slow=self.drop_slow
+        )
+        timed.exchanges = self.exchanges
+        return timed
 
 
 @app.main()
@@ -100,7 +115,7 @@ def main(grid: Grid, context: Context) -> None:
                     "finished": time.time(),
                     "steps-per-message": config.steps_per_message,
                     "steps-per-round": config.steps_per_round,
-                    "history": [dict(row) for row in strategy.rows],
+                    "history": [dict(row) for row in strategy.run.rows],
                     "exchanges": strategy.exchanges,
                 },
                 indent=1,
