@@ -16,13 +16,17 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
+import numpy as np
+import torch
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from torch import nn
 
 from flwr_splitms import protocol as P
+from flwr_splitms.capacity import CLIENT_CACHE_BYTES
 from flwr_splitms.core.client_half import ClientState, EncodedBatch, SplitClientCore
 from flwr_splitms.data import BatchSource
 
@@ -33,9 +37,133 @@ Handler = Callable[["SplitClient", Message, Context], Message]
 log = logging.getLogger("flwr")
 CLIENT_ERROR_CODE = 2  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
 MAX_CACHED_CORES = 256  # nodes whose model and data one process keeps (oldest dropped first)
-_CORES: OrderedDict[tuple[str, int, int], SplitClientCore] = OrderedDict()
-_CORES_LOCK = threading.Lock()
+CACHE_ENV = "FLWR_SPLITMS_CLIENT_CACHE_MB"
 _REPORTED: set[str] = set()  # errors whose traceback this process has logged once
+
+
+def cache_bytes_from_env() -> int:
+    """The per-process bound of cached client halves: ``$FLWR_SPLITMS_CLIENT_CACHE_MB`` MiB.
+
+    Default :data:`flwr_splitms.capacity.CLIENT_CACHE_BYTES` (512 MiB); 0 keeps no idle node.
+    """
+    value = os.environ.get(CACHE_ENV, "").strip()
+    if not value:
+        return CLIENT_CACHE_BYTES
+    try:
+        megabytes = float(value)
+    except ValueError:
+        raise ValueError(
+            f"{CACHE_ENV}={value!r} is not a number; set it to the MiB one client process may "
+            f"keep for idle nodes (default {CLIENT_CACHE_BYTES // 2**20})"
+        ) from None
+    if not math.isfinite(megabytes) or megabytes < 0:
+        raise ValueError(f"{CACHE_ENV}={value!r} must be a finite number >= 0 (MiB)")
+    return int(megabytes * 2**20)
+
+
+def held_nbytes(*objects: object, depth: int = 4) -> int:
+    """Bytes of the tensors and arrays reachable from ``objects`` (attributes, containers).
+
+    Each storage counts once; parameters and buffers of a module count through its
+    ``state_dict``. Used to size cache entries, so it errs on the side of counting.
+    """
+    seen: set[int] = set()
+    visited: set[int] = set()
+    total = 0
+
+    def visit(obj: object, level: int) -> None:
+        nonlocal total
+        if id(obj) in visited or level > depth:
+            return
+        visited.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            if obj.device.type == "meta":
+                return
+            storage = obj.untyped_storage()
+            key = storage.data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+        elif isinstance(obj, np.ndarray):
+            base = obj if obj.base is None else obj.base
+            if id(base) not in seen:
+                seen.add(id(base))
+                total += int(obj.nbytes if base is obj else getattr(base, "nbytes", obj.nbytes))
+        elif isinstance(obj, nn.Module):
+            for tensor in obj.state_dict().values():
+                visit(tensor, level)
+        elif isinstance(obj, dict):
+            for value in obj.values():
+                visit(value, level + 1)
+        elif isinstance(obj, list | tuple | set):
+            for value in obj:
+                visit(value, level + 1)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            for value in vars(obj).values():
+                visit(value, level + 1)
+
+    for obj in objects:
+        visit(obj, 0)
+    return total
+
+
+class CoreCache:
+    """The client halves this process keeps, least recently used first out, bounded twice.
+
+    At most ``max_cores`` entries and ``max_bytes`` bytes (each entry sized once, when it is
+    added: its model, the state it holds and its data). The entry just added or used is never
+    dropped, so one node always fits; a dropped node is rebuilt from its factories (the
+    partition from the disk cache) and recomputes its forward pass if it was mid-block.
+    """
+
+    def __init__(self, max_cores: int = MAX_CACHED_CORES, max_bytes: int | None = None) -> None:
+        self.max_cores = max_cores
+        self.max_bytes = cache_bytes_from_env() if max_bytes is None else max_bytes
+        self.entries: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self.nbytes = 0
+        self.evicted = 0
+        self.lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.entries
+
+    def get(self, key: Hashable) -> Any | None:
+        """The entry for ``key`` (now the most recently used), or None."""
+        if key not in self.entries:
+            return None
+        self.entries.move_to_end(key)
+        return self.entries[key][0]
+
+    def put(self, key: Hashable, value: Any, nbytes: int) -> None:
+        """Add ``value`` (``nbytes`` bytes); drop the least recently used until the bounds hold."""
+        if key in self.entries:
+            self.nbytes -= self.entries.pop(key)[1]
+        self.entries[key] = (value, nbytes)
+        self.nbytes += nbytes
+        while len(self.entries) > 1 and (
+            len(self.entries) > self.max_cores or self.nbytes > self.max_bytes
+        ):
+            _, (_, dropped) = self.entries.popitem(last=False)
+            self.nbytes -= dropped
+            if not self.evicted:
+                log.info(
+                    "Client cache of process %d is full (%d client halves, %.0f MiB; bounds %d "
+                    "and %.0f MiB, %s): the least recently used nodes are dropped and rebuilt "
+                    "when sampled again",
+                    os.getpid(),
+                    len(self.entries) + 1,
+                    (self.nbytes + dropped) / 2**20,
+                    self.max_cores,
+                    self.max_bytes / 2**20,
+                    CACHE_ENV,
+                )
+            self.evicted += 1
+
+
+_CORES = CoreCache()
 
 
 def answers_errors(handler: Handler) -> Handler:
@@ -86,7 +214,9 @@ class SplitClient:
 
     ``model_fn(context)`` builds the client-side network (its weights are replaced by the global
     ones at every round start); ``data_fn(context)`` returns the node's training data and an
-    optional local test split. Both are called once per node and process, then cached.
+    optional local test split. Both are called once per node and process, then cached in a
+    :class:`CoreCache` bounded by :data:`MAX_CACHED_CORES` nodes and
+    ``$FLWR_SPLITMS_CLIENT_CACHE_MB`` MiB (default 512) per process.
     ``device``: ``"auto"`` (CUDA when present), ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``;
     None reads the run-config key ``device`` (default ``"auto"``).
     """
@@ -105,19 +235,20 @@ class SplitClient:
         survive that within a process.
         """
         key = (self.token, int(context.run_id), int(context.node_id))
-        with _CORES_LOCK:
-            if key in _CORES:
-                _CORES.move_to_end(key)
-                return _CORES[key], 0.0
+        with _CORES.lock:
+            cached = _CORES.get(key)
+            if cached is not None:
+                return cached, 0.0
             started = time.perf_counter()
             train, test = self.data_fn(context)
             device = self.device or str(context.run_config.get("device", "auto"))
-            _CORES[key] = SplitClientCore(
+            core = SplitClientCore(
                 self.model_fn(context), train, test, client_id=client_id_of(context), device=device
             )
-            while len(_CORES) > MAX_CACHED_CORES:
-                _CORES.popitem(last=False)
-            return _CORES[key], time.perf_counter() - started
+            # sized as it will sit idle: the model, the weights and momentum it holds, its data
+            model_bytes = held_nbytes(core.model)
+            _CORES.put(key, core, 3 * model_bytes + held_nbytes(train, test))
+            return core, time.perf_counter() - started
 
     def register(self, app: ClientApp) -> ClientApp:
         """Add the ``train.split_*`` and ``evaluate.split`` handlers to ``app``."""
@@ -255,4 +386,11 @@ def make_client_app(model_fn: ModelFn, data_fn: DataFn, *, device: str | None = 
     return SplitClient(model_fn, data_fn, device=device).register(ClientApp())
 
 
-__all__ = ["SplitClient", "client_id_of", "make_client_app"]
+__all__ = [
+    "CoreCache",
+    "SplitClient",
+    "cache_bytes_from_env",
+    "client_id_of",
+    "held_nbytes",
+    "make_client_app",
+]

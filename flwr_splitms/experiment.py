@@ -6,17 +6,25 @@ means the same thing in ``flwr run``, in a notebook and in a test.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from flwr_splitms.capacity import (
+    MemoryEstimate,
+    RunShape,
+    estimate_memory,
+    measure_footprint,
+)
 from flwr_splitms.config import SplitConfig
 from flwr_splitms.data import (
     BatchSource,
     DataSplit,
     dataset_num_classes,
     load_dataset,
+    load_labels,
     load_partition,
     partition,
 )
@@ -70,9 +78,56 @@ def evaluation_data(config: SplitConfig) -> BatchSource:
 
 
 def partition_sizes(config: SplitConfig, num_partitions: int) -> list[int]:
-    """Training examples of each client partition, as ``client_data`` will create them."""
-    train = load_dataset(config.dataset, train=True, seed=config.seed, **_data_kwargs(config))  # type: ignore[arg-type]
-    parts = partition(
-        train.labels, num_partitions, config.partition, config.dirichlet_alpha, config.seed
-    )
+    """Training examples of each client partition, as ``client_data`` will create them.
+
+    Needs only the labels: for the synthetic set no image is generated (the ServerApp's memory
+    does not grow with the data that its clients hold).
+    """
+    labels = load_labels(config.dataset, train=True, seed=config.seed, **_data_kwargs(config))  # type: ignore[arg-type]
+    parts = partition(labels, num_partitions, config.partition, config.dirichlet_alpha, config.seed)
     return [len(p) for p in parts]
+
+
+def memory_estimate(
+    config: SplitConfig,
+    client_net: nn.Module,
+    server_net: nn.Module,
+    test_data: BatchSource,
+    *,
+    registered: int,
+    sampled: int,
+    train_size: int,
+    client_processes: int,
+    cache_bytes: int,
+    clients_here: bool = True,
+) -> MemoryEstimate:
+    """What a run of ``config`` allocates (see :mod:`flwr_splitms.capacity`), measured on two
+    samples of ``test_data`` through both halves; ``train_size`` training examples are split
+    among the ``registered`` nodes.
+
+    ``clients_here``: the ClientApps run on this machine (Flower's simulation engine); False
+    for a deployment, where only the server parts count.
+    """
+    sample, _ = test_data.batch(torch.arange(min(2, len(test_data))))
+    if sample.shape[0] < 2:
+        sample = sample.repeat(2, *([1] * (sample.dim() - 1)))
+    device = next(client_net.parameters()).device
+    client, cut = measure_footprint(client_net, sample.to(device))
+    server_device = next(server_net.parameters()).device
+    server, _ = measure_footprint(server_net, cut.to(server_device))
+    stored_per_sample = sample[0].numel()  # images are kept as uint8, one byte per value
+    shape = RunShape(
+        registered=registered,
+        sampled=sampled,
+        batch_size=config.batch_size,
+        steps_per_message=config.steps_per_message,
+        eval_batch_size=config.eval_batch_size,
+        client_processes=client_processes,
+        cache_bytes=cache_bytes,
+        partition_bytes=math.ceil(train_size / max(registered, 1)) * stored_per_sample,
+    )
+    estimate = estimate_memory(client, server, shape)
+    if not clients_here:
+        for part in ("client halves", "idle clients", "Flower's nodes"):
+            estimate.parts[part] = 0
+    return estimate

@@ -39,6 +39,7 @@ from .loading import (
     clear_cache,
     dataset_num_classes,
     load_dataset,
+    load_labels,
     load_partition,
 )
 from .partition import PARTITION_SCHEMES, partition
@@ -76,6 +77,7 @@ __all__ = [
     "dataset_num_classes",
     "from_torch_dataset",
     "load_dataset",
+    "load_labels",
     "load_partition",
     "partition",
 ]

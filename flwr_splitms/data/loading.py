@@ -11,6 +11,7 @@ the synthetic set: a fresh process reads its partition instead of rebuilding the
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,14 +23,16 @@ from . import sources
 from .disk_cache import entry_path, read_entry, write_entry
 from .images import DataSplit, ImageFolderDataset, ImageTensorDataset
 from .partition import check_scheme, partition, positive_int
-from .synthetic import SYNTHETIC_VERSION, generate_synthetic, seed_for
+from .synthetic import SYNTHETIC_VERSION, generate_synthetic, seed_for, synthetic_labels
 
 __all__ = [
     "DATASETS",
     "DEFAULT_ROOT",
+    "MAX_CACHED_PARTITIONS",
     "clear_cache",
     "dataset_num_classes",
     "load_dataset",
+    "load_labels",
     "load_partition",
 ]
 
@@ -53,6 +56,10 @@ SYNTHETIC_TRAIN_SIZE, SYNTHETIC_TEST_SIZE = 5000, 1000
 _T = TypeVar("_T")
 _CACHE: dict[Hashable, Any] = {}
 _CACHE_LOCK = threading.RLock()
+MAX_CACHED_PARTITIONS = 256
+"""Client partitions one process keeps in memory (least recently used dropped first; a dropped
+partition is read again from the disk cache, memory-mapped)."""
+_PARTITIONS: OrderedDict[Hashable, Any] = OrderedDict()
 
 
 def _cached(key: Hashable, build: Callable[[], _T]) -> _T:
@@ -63,10 +70,24 @@ def _cached(key: Hashable, build: Callable[[], _T]) -> _T:
         return value
 
 
+def _cached_partition(key: Hashable, build: Callable[[], _T]) -> _T:
+    """Like :func:`_cached`, bounded by :data:`MAX_CACHED_PARTITIONS` entries."""
+    with _CACHE_LOCK:
+        if key in _PARTITIONS:
+            _PARTITIONS.move_to_end(key)
+        else:
+            _PARTITIONS[key] = build()
+            while len(_PARTITIONS) > max(MAX_CACHED_PARTITIONS, 1):
+                _PARTITIONS.popitem(last=False)
+        value: _T = _PARTITIONS[key]
+        return value
+
+
 def clear_cache() -> None:
     """Drop every dataset and partition this process has cached (the disk cache stays)."""
     with _CACHE_LOCK:
         _CACHE.clear()
+        _PARTITIONS.clear()
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,6 +249,36 @@ def load_dataset(
     )
 
 
+def load_labels(
+    name: str,
+    root: str | Path = DEFAULT_ROOT,
+    train: bool = True,
+    download: bool = False,
+    *,
+    num_classes: int | None = None,
+    size: int | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """The labels of :func:`load_dataset`'s set, as :func:`partition` needs them.
+
+    The synthetic set's labels are drawn without its images (a ServerApp that only counts
+    partition sizes holds no image); other sets are loaded as :func:`load_dataset` does.
+    """
+    key = _check_name(name)
+    if key == "synthetic":
+        n_classes = dataset_num_classes(key, num_classes)
+        if n_classes < 2:
+            raise ValueError(f"synthetic data needs num_classes >= 2, got {n_classes}")
+        if size is not None:
+            positive_int(size, "size")
+        n = size if size is not None else (SYNTHETIC_TRAIN_SIZE if train else SYNTHETIC_TEST_SIZE)
+        return synthetic_labels(n_classes, n, int(seed), bool(train))
+    ds = load_dataset(
+        key, root, train, download, num_classes=num_classes, size=size, seed=seed
+    )  # fmt: skip
+    return ds.labels
+
+
 def load_partition(
     name: str,
     partition_id: int,
@@ -315,7 +366,7 @@ def load_partition(
                 write_entry(path, entry_key, arrays, attrs)
         return ds, own
 
-    dataset, own = _cached(
+    dataset, own = _cached_partition(
         ("partition-data", key, root_key, n_classes, size, seed, k, scheme_key, alpha_key, pid),
         build,
     )

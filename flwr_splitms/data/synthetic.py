@@ -21,6 +21,20 @@ def seed_for(*key: int) -> int:
     return int(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(1)[0])
 
 
+def _label_stream(
+    num_classes: int, size: int, seed: int, train: bool
+) -> tuple[torch.Tensor, torch.Generator]:
+    """The labels of the synthetic set and the generator that then draws its images."""
+    g = torch.Generator().manual_seed(seed_for(seed, 1 if train else 2))
+    labels = torch.arange(size, dtype=torch.int64) % num_classes
+    return labels[torch.randperm(size, generator=g)], g
+
+
+def synthetic_labels(num_classes: int, size: int, seed: int, train: bool) -> torch.Tensor:
+    """The labels :func:`generate_synthetic` gives, without drawing a single image."""
+    return _label_stream(num_classes, size, seed, train)[0]
+
+
 def generate_synthetic(num_classes: int, size: int, seed: int, train: bool) -> ImageTensorDataset:
     """A learnable CIFAR-shaped (3x32x32) stand-in, deterministic from ``seed``.
 
@@ -45,9 +59,7 @@ def generate_synthetic(num_classes: int, size: int, seed: int, train: bool) -> I
     protos = torch.cat([protos, protos.flip(-1)])  # index c + num_classes = mirrored class c
     background = smooth(bank_size, 4, g)
 
-    g = torch.Generator().manual_seed(seed_for(seed, 1 if train else 2))
-    labels = torch.arange(size, dtype=torch.int64) % num_classes
-    labels = labels[torch.randperm(size, generator=g)]
+    labels, g = _label_stream(num_classes, size, seed, train)
     images = torch.empty(size, 3, 32, 32, dtype=torch.uint8)
     chunk = 8192
     for start in range(0, size, chunk):

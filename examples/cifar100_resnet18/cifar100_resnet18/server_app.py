@@ -9,25 +9,31 @@ fix, before Flower prints the traceback.
 """
 
 import logging
+import os
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from torch import nn
 
+from flwr_splitms.capacity import InsufficientMemoryError, available_memory, check_memory, gib
 from flwr_splitms.checkpoint import (
     RunState,
     config_differences,
     latest_run_state,
     save_run_state,
 )
+from flwr_splitms.client import cache_bytes_from_env
 from flwr_splitms.config import ConfigError, SplitConfig, validate
-from flwr_splitms.data import DatasetUnavailableError
+from flwr_splitms.data import BatchSource, DatasetUnavailableError
 from flwr_splitms.devices import resolve_device
 from flwr_splitms.experiment import (
     build_split_model,
     evaluation_data,
+    memory_estimate,
     num_classes,
     partition_sizes,
 )
+from flwr_splitms.flower_internals import is_simulation_grid
 from flwr_splitms.history import save_history
 from flwr_splitms.protocol import record_to_state, state_to_record
 from flwr_splitms.runs import latest_run_dir, new_run_dir, output_root, saved_run_config
@@ -50,6 +56,7 @@ class RunConfigError(RuntimeError):
 # Problems that stop a run with a message naming the reason and the fix (not bugs)
 STOPS = (
     RunConfigError,
+    InsufficientMemoryError,
     ConfigError,
     NotEnoughNodesError,
     DatasetUnavailableError,
@@ -85,6 +92,49 @@ def check(run_config: dict, grid: Grid) -> SplitConfig:
     return config
 
 
+def check_memory_fits(
+    config: SplitConfig,
+    grid: Grid,
+    strategy: MSSplitStrategy,
+    client_net: nn.Module,
+    evaluation_set: BatchSource,
+) -> None:
+    """Refuse, in one line, a run whose estimated memory exceeds what the machine has free.
+
+    The estimate (see ``flwr_splitms.capacity``) counts what training will allocate: the server
+    step over the sampled clients, the server model, evaluation, and, in simulation, the client
+    halves of the sampled clients and the bounded caches of the idle ones.
+    """
+    registered = len(list(grid.get_node_ids()))
+    sampled = min(
+        registered, max(int(registered * strategy.fraction_train), strategy.min_train_nodes)
+    )
+    simulation = is_simulation_grid(grid)
+    estimate = memory_estimate(
+        config,
+        client_net,
+        strategy.server_model,
+        evaluation_set,
+        registered=registered,
+        sampled=sampled,
+        train_size=sum(partition_sizes(config, registered)),
+        client_processes=os.cpu_count() or 1,
+        cache_bytes=cache_bytes_from_env(),
+        clients_here=simulation,
+    )
+    device = strategy.device
+    available = available_memory(device if device.type == "cuda" else "cpu")
+    log.info(
+        "Memory: about %s for %d registered and %d sampled nodes (%s); %s available",
+        gib(estimate.total),
+        registered,
+        sampled,
+        estimate.summary(),
+        gib(available) if available is not None else "unknown",
+    )
+    check_memory(estimate, available, where=f"{device} memory" if simulation else "the server")
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run :func:`train`; a known problem logs one ERROR line (reason and fix) before it raises."""
@@ -112,12 +162,14 @@ def train(grid: Grid, context: Context) -> None:
                 [f"resume=true: the run-config differs from {folder}: " + ", ".join(differences)]
             )
         resume = latest_run_state(folder)
-        log.info("Resuming %s after round %s", folder, resume.server_round if resume else 0)
-    else:
-        folder = new_run_dir(root, context.run_id, config.to_run_config())
     evaluation_set = evaluation_data(config)
     client_net, server_net = build_split_model(config)
     strategy = MSSplitStrategy.from_config(config, server_net, num_classes=num_classes(config))
+    check_memory_fits(config, grid, strategy, client_net, evaluation_set)
+    if not config.resume:
+        folder = new_run_dir(root, context.run_id, config.to_run_config())
+    else:
+        log.info("Resuming %s after round %s", folder, resume.server_round if resume else 0)
     log.info("Writing history.csv, checkpoints and final weights to %s", folder)
 
     def checkpoint(server_round: int, arrays, row) -> None:  # type: ignore[no-untyped-def]
