@@ -18,8 +18,8 @@ part                          bytes
 server step                   ``S x B x (server saved + 2 x cut)`` (its graph, the decoded
                               activations and their gradient) ``+ (K - 1) x S x B x cut``
 server model                  ``3 x server params`` (weights, gradients, momentum)
-evaluation                    ``eval-batch x (client saved + server saved)`` (inference peak,
-                              bounded by the training figures)
+evaluation                    ``3 x eval-batch x largest activation`` (inference holds an
+                              input, an output and a temporary at a time)
 client halves (sampled)       ``S x (K x B x (client saved + 2 x cut) + 4 x client params)``
                               (live graphs, gradient messages, weights, momentum, state copies)
 idle clients                  ``min(N x per client, processes x cache bound)`` (the client
@@ -46,6 +46,7 @@ from torch.func import functional_call
 __all__ = [
     "CLIENT_CACHE_BYTES",
     "FLOWER_NODE_BYTES",
+    "SERVER_PARTS",
     "Footprint",
     "InsufficientMemoryError",
     "MemoryEstimate",
@@ -63,6 +64,9 @@ CLIENT_CACHE_BYTES = 512 * 2**20
 FLOWER_NODE_BYTES = 10_000
 """Memory of one registered node in Flower 1.42's simulation process (measured: 9.4 kB)."""
 
+SERVER_PARTS = ("server step", "server model", "evaluation")
+"""The parts on the server model's device; the others are the clients' (host memory)."""
+
 HEADROOM = 0.9
 """Share of the available memory a run may plan to use (the rest: allocator slack, the OS)."""
 
@@ -79,12 +83,14 @@ class Footprint:
     """What one half of the split network needs, in bytes.
 
     ``params``: parameters and buffers. ``saved_per_sample``: tensors autograd keeps for the
-    backward pass per training sample (parameters excluded). ``out_per_sample``: the half's
-    output per sample (the cut-layer activations for the client half).
+    backward pass per training sample (parameters excluded); ``largest_per_sample``: the largest
+    of them (inference holds a few such at a time). ``out_per_sample``: the half's output per
+    sample (the cut-layer activations for the client half).
     """
 
     params: int
     saved_per_sample: int
+    largest_per_sample: int
     out_per_sample: int
 
 
@@ -121,6 +127,7 @@ def measure_footprint(net: nn.Module, sample: torch.Tensor) -> tuple[Footprint, 
     footprint = Footprint(
         params=param_bytes,
         saved_per_sample=math.ceil(sum(saved.values()) / count),
+        largest_per_sample=math.ceil(max(saved.values(), default=0) / count),
         out_per_sample=math.ceil(out.numel() * out.element_size() / count),
     )
     return footprint, out.detach()
@@ -162,6 +169,14 @@ class MemoryEstimate:
         """The name of the largest part."""
         return max(self.parts, key=lambda name: self.parts[name])
 
+    def subset(self, names: tuple[str, ...], *, keep: bool = True) -> MemoryEstimate:
+        """The estimate of the parts in ``names`` (``keep=False``: of the other parts)."""
+        chosen = [name for name in self.parts if (name in names) == keep]
+        return MemoryEstimate(
+            {name: self.parts[name] for name in chosen},
+            {name: self.fixes[name] for name in chosen if name in self.fixes},
+        )
+
     def summary(self) -> str:
         """The parts, largest first: ``"server step 30.1 GB, client halves 1.2 GB, ..."``."""
         order = sorted(self.parts, key=lambda name: -self.parts[name])
@@ -182,9 +197,8 @@ def estimate_memory(client: Footprint, server: Footprint, shape: RunShape) -> Me
     )
     estimate.parts["server model"] = 3 * server.params
     estimate.fixes["server model"] = "use a smaller model or cut later"
-    estimate.parts["evaluation"] = shape.eval_batch_size * (
-        client.saved_per_sample + server.saved_per_sample
-    )
+    largest = max(client.largest_per_sample, server.largest_per_sample, cut)
+    estimate.parts["evaluation"] = 3 * shape.eval_batch_size * largest
     estimate.fixes["evaluation"] = "lower eval-batch-size"
     live = k * b * (client.saved_per_sample + 2 * cut)
     estimate.parts["client halves"] = s * (live + 4 * client.params)

@@ -15,7 +15,13 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
-from flwr_splitms.capacity import InsufficientMemoryError, available_memory, check_memory, gib
+from flwr_splitms.capacity import (
+    SERVER_PARTS,
+    InsufficientMemoryError,
+    available_memory,
+    check_memory,
+    gib,
+)
 from flwr_splitms.checkpoint import (
     RunState,
     config_differences,
@@ -123,16 +129,19 @@ def check_memory_fits(
         clients_here=simulation,
     )
     device = strategy.device
-    available = available_memory(device if device.type == "cuda" else "cpu")
+    host = available_memory("cpu")
     log.info(
         "Memory: about %s for %d registered and %d sampled nodes (%s); %s available",
         gib(estimate.total),
         registered,
         sampled,
         estimate.summary(),
-        gib(available) if available is not None else "unknown",
+        gib(host) if host is not None else "unknown",
     )
-    check_memory(estimate, available, where=f"{device} memory" if simulation else "the server")
+    if device.type == "cuda":  # the server's parts on its GPU, the rest (clients) on the host
+        check_memory(estimate.subset(SERVER_PARTS), available_memory(device), where=str(device))
+        estimate = estimate.subset(SERVER_PARTS, keep=False)
+    check_memory(estimate, host, where="this machine")
 
 
 @app.main()
