@@ -22,7 +22,9 @@ Columns (per step and per client message unless said otherwise):
 * ``msg s/client``: the strategy's ``message_seconds`` per step and sampled client: an
   exchange's wall time minus its slowest client handler. With clients queued on shared Ray
   actors this counts the *other* clients' handler time as messaging.
-* ``handler``: a client handler's own time (forward, encode, backward, state round trip).
+* ``handler``: a client handler's own time (forward, encode, backward, state round trip);
+  ``of it build``: building the node's client half and reading its partition, the first time
+  a process sees the node (each round samples mostly new nodes when N >> S).
 * ``engine``: what a message costs beyond its handler: (exchange wall x actors - the handlers'
   sum) / messages (Ray transfer, scheduling, Flower's queues and polling).
 * ``peak PSS``: peak proportional set size of the whole process tree (ServerApp process, Ray's
@@ -57,15 +59,16 @@ ROWS = ("10:10", "100:10", "100:100", "1000:10", "1000:100")
 
 
 class ExchangeLog:
-    """Per exchange of the strategy: wall seconds, replies, the sum of their handler seconds."""
+    """Per exchange of the strategy: wall seconds, replies, the sums of their handler seconds
+    and of the seconds spent building a client half (first message of a node in a process)."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[float, int, float]] = []
+        self.rows: list[tuple[float, int, float, float]] = []
         self.actors = 0
 
     def install(self) -> None:
         """Wrap ``MSSplitStrategy.transport`` in this process (the benchmark's instrument)."""
-        from flwr_splitms.protocol import CLIENT_SECONDS, reply_metric
+        from flwr_splitms.protocol import BUILD_SECONDS, CLIENT_SECONDS, reply_metric
         from flwr_splitms.strategy import MSSplitStrategy
         from flwr_splitms.transport import Transport
 
@@ -78,7 +81,10 @@ class ExchangeLog:
                     handlers = sum(
                         reply_metric(r, CLIENT_SECONDS, 0.0) for r in result.replies.values()
                     )
-                    log.rows.append((result.seconds, len(result.replies), handlers))
+                    builds = sum(
+                        reply_metric(r, BUILD_SECONDS, 0.0) for r in result.replies.values()
+                    )
+                    log.rows.append((result.seconds, len(result.replies), handlers, builds))
                     log.actors = log.actors or _ray_actors()
                 return result
 
@@ -252,6 +258,7 @@ def child(spec: dict[str, Any]) -> None:
         "server_step": float(measured["server_seconds"].sum()) / steps,
         "msg_client": float(measured["message_seconds"].sum()) / steps / clients,
         "handler": handlers / max(messages, 1),
+        "build": sum(r[3] for r in rows) / max(messages, 1),
         "engine": max(walls * actors - handlers, 0.0) / max(messages, 1),
         "actors": actors,
         "clients": clients,
@@ -355,7 +362,7 @@ def machine_line() -> str:
 
 
 COLUMNS = (
-    "model", "N:S", "s/step", "server (s/step)", "msg s/client", "handler (s)", "engine (s)",
+    "model", "N:S", "s/step", "server (s/step)", "msg s/client", "handler", "of it build", "engine",
     "peak PSS (GB)", "server RSS (GB)", "actors RSS (GB)", "estimate", "note",
 )  # fmt: skip
 
@@ -365,11 +372,12 @@ def table(rows: list[tuple[str, str, dict[str, Any]]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * (len(COLUMNS) - 3) + "---|"]
     for model, nodes, r in rows:
         if r.get("killed"):
-            cells = ["", "", "", "", ""]
+            cells = ["", "", "", "", "", ""]
         else:
             cells = [
                 f"{r['s_step']:.2f}", f"{r['server_step']:.2f}", f"{r['msg_client'] * 1e3:.0f} ms",
-                f"{r['handler'] * 1e3:.0f} ms", f"{r['engine'] * 1e3:.0f} ms",
+                f"{r['handler'] * 1e3:.0f} ms", f"{r['build'] * 1e3:.0f} ms",
+                f"{r['engine'] * 1e3:.0f} ms",
             ]  # fmt: skip
         memory = [f"{r['peak_pss'] / 2**30:.2f}", f"{r['peak_server'] / 2**30:.2f}",
                   f"{r['peak_actors'] / 2**30:.2f}"]  # fmt: skip
