@@ -73,10 +73,12 @@ HEADROOM = 0.9
 
 
 def gib(nbytes: float) -> str:
-    """``nbytes`` as GiB with one decimal (``"3.2 GB"``), or MB below 1 GiB."""
+    """``nbytes`` as GiB with one decimal (``"3.2 GB"``), MiB below 1 GiB, kiB below 1 MiB."""
     if nbytes >= 2**30:
         return f"{nbytes / 2**30:.1f} GB"
-    return f"{nbytes / 2**20:.0f} MB"
+    if nbytes >= 2**20:
+        return f"{nbytes / 2**20:.0f} MB"
+    return f"{nbytes / 2**10:.0f} kB"
 
 
 @dataclass(frozen=True)
