@@ -221,13 +221,17 @@ class SplitRun:
             step += count
             if acc.losses:
                 progress.update(step, acc.losses[-1])
-            if index == len(blocks) - 1:
-                ends = clients.end(settings, gradients, step, acc) if gradients else {}
-            else:
-                uploads = clients.step(settings, gradients, step, blocks[index + 1], acc)
-                if not uploads:
-                    log.warning("Round %d: every client dropped out at step %d", server_round, step)
+            try:
+                if index == len(blocks) - 1:
+                    ends = clients.end(settings, gradients, step, acc) if gradients else {}
                     break
+                uploads = clients.step(settings, gradients, step, blocks[index + 1], acc)
+            except (ValueError, RuntimeError) as err:  # a client half that diverged
+                self.guard.check_error(err, server_round, step, settings.lr_at(step))
+                raise
+            if not uploads:
+                log.warning("Round %d: every client dropped out at step %d", server_round, step)
+                break
         self.guard.end_round(acc.losses, server_round, settings.lr)
         if len(acc.losses) < sum(blocks) or not ends:
             return RoundOutcome(acc.row())
@@ -250,7 +254,11 @@ class SplitRun:
         for upload in uploads.values():
             acc.uplink(upload)
         tic = time.perf_counter()
-        block = self.server.run_block(link, settings, uploads, step, count)
+        try:
+            block = self.server.run_block(link, settings, uploads, step, count)
+        except (ValueError, RuntimeError) as err:  # gradients that overflowed
+            self.guard.check_error(err, acc.server_round, step, settings.lr_at(step))
+            raise
         acc.server_seconds += time.perf_counter() - tic
         for node, reason in block.dropped.items():
             log.warning(
