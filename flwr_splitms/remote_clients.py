@@ -11,7 +11,7 @@ the request for the next block, and the round end brings back the client weights
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
@@ -60,6 +60,20 @@ def split_config(
     for key, value in entries.items():
         config[key] = value
     return config
+
+
+def retyped(messages: Iterable[Message], message_type: str, server_round: int) -> list[Message]:
+    """The same contents to the same nodes as messages of ``message_type`` (e.g. a Flower
+    strategy's ``train`` messages as ``train.split_begin``)."""
+    return [
+        Message(
+            m.content,
+            dst_node_id=m.metadata.dst_node_id,
+            message_type=message_type,
+            group_id=str(server_round),
+        )
+        for m in messages
+    ]
 
 
 class RemoteClients:

@@ -90,8 +90,12 @@ class RoundPlan:
     @classmethod
     def from_config(cls, config: Any) -> RoundPlan:
         """The plan of a :class:`~flwr_splitms.config.SplitConfig`."""
-        renamed = {"codec_name": "codec", "grad_codec_name": "grad_codec"}
-        return cls(**{f: getattr(config, renamed.get(f, f)) for f in cls.__dataclass_fields__})
+        return cls.from_keywords({key: getattr(config, key) for key in _KEYWORDS.values()})
+
+    @classmethod
+    def from_keywords(cls, keywords: Mapping[str, Any]) -> RoundPlan:
+        """The plan of settings named as run-config attributes (``codec``, ``grad_codec``...)."""
+        return cls(**{f: keywords[_KEYWORDS.get(f, f)] for f in cls.__dataclass_fields__})
 
     def round_lr(self, server_round: int, num_rounds: int) -> float:
         """The round's rate: batch scaling, then the schedule over ``num_rounds``."""
@@ -118,6 +122,13 @@ class RoundPlan:
             warmup_steps=self.warmup_steps if train else 0,
             step_offset=step_offset,
         )
+
+
+_KEYWORDS = {  # RoundPlan field -> run-config attribute, where the names differ
+    "codec_name": "codec",
+    "grad_codec_name": "grad_codec",
+}
+_KEYWORDS.update({f: f for f in RoundPlan.__dataclass_fields__ if f not in _KEYWORDS})
 
 
 @dataclass
@@ -183,6 +194,27 @@ class SplitRun:
         self.rng = random.Random(plan.seed)  # node sampling
         self.guard = DivergenceGuard(batch_size=plan.batch_size)
         self.started, self.first_round = time.monotonic(), 1
+
+    @classmethod
+    def build(
+        cls,
+        server_model: torch.nn.Module,
+        plan: RoundPlan,
+        *,
+        device: str | torch.device = "cpu",
+        num_classes: int | None = None,
+        label: str = "",
+    ) -> SplitRun:
+        """A run whose server half trains ``server_model`` with the plan's SGD settings."""
+        server = SplitServerCore(
+            server_model,
+            lr=plan.lr,
+            momentum=plan.momentum,
+            weight_decay=plan.weight_decay,
+            device=device,
+            num_classes=num_classes,
+        )
+        return cls(server, plan, label=label)
 
     @property
     def steps_done(self) -> int:

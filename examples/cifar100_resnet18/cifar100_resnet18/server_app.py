@@ -32,12 +32,8 @@ from flwr_splitms.history import save_history
 from flwr_splitms.protocol import record_to_state, state_to_record
 from flwr_splitms.runs import latest_run_dir, new_run_dir, output_root, saved_run_config
 from flwr_splitms.storage import save_checkpoint
-from flwr_splitms.strategy import (
-    ClientsFailedError,
-    MSSplitStrategy,
-    NotEnoughNodesError,
-    wait_for_nodes,
-)
+from flwr_splitms.strategy import MSSplitStrategy
+from flwr_splitms.transport import ClientsFailedError, NotEnoughNodesError, wait_for_nodes
 
 log = logging.getLogger("flwr")
 app = ServerApp()
