@@ -121,6 +121,7 @@ class SplitClient:
 
     def register(self, app: ClientApp) -> ClientApp:
         """Add the ``train.split_*`` and ``evaluate.split`` handlers to ``app``."""
+        app.train("split_probe")(self.on_probe)
         app.train("split_begin")(self.on_begin)
         app.train("split_step")(self.on_step)
         app.train("split_end")(self.on_end)
@@ -128,6 +129,24 @@ class SplitClient:
         return app
 
     # -- handlers -----------------------------------------------------------------------------
+    @answers_errors
+    def on_probe(self, msg: Message, context: Context) -> Message:
+        """codec = "budget": measure the candidate codecs on the round's first batch."""
+        core, _ = self.core(context)
+        config = _config(msg)
+        weights = P.record_to_state(P.only_record(msg.content.array_records, P.ARRAYS, "array"))
+        cursor = P.cursor_from_table(config, core.client_id)
+        measured = core.probe(
+            weights,
+            cursor or P.client_cursor_from_records(context.state),
+            P.settings_from_config(config),
+            budget_bits=float(P.config_value(config, P.BUDGET_BITS)),
+            sample=P.config_int(config, P.BUDGET_SAMPLE),
+        )
+        metrics = MetricRecord({P.CLIENT_ID: core.client_id})
+        content = RecordDict({P.BUDGET: P.measurements_record(measured), P.METRICS: metrics})
+        return Message(content, reply_to=msg)
+
     @answers_errors
     def on_begin(self, msg: Message, context: Context) -> Message:
         """Round start: adopt the global weights and send the first batches' activations."""

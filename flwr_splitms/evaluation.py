@@ -30,13 +30,14 @@ log = logging.getLogger("flwr")
 def central_evaluator(
     client_model: nn.Module,
     server_model: nn.Module,
-    codec: Codec,
+    codec: Callable[[], Codec],
     test_data: BatchSource,
     *,
     batch_size: int,
     max_examples: int,
 ) -> Callable[[int, ArrayRecord], MetricRecord]:
-    """An ``evaluate_fn``: the global client weights and ``server_model`` on ``test_data``."""
+    """An ``evaluate_fn``: the global client weights and ``server_model`` on ``test_data``,
+    through the uplink codec ``codec()`` returns (the current one, under a byte budget)."""
     client_model.to(next(server_model.parameters()).device)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -44,7 +45,7 @@ def central_evaluator(
         result = evaluate_split(
             client_model,
             server_model,
-            codec,
+            codec(),
             test_data,
             batch_size=batch_size,
             max_examples=max_examples,

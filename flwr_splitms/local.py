@@ -25,6 +25,7 @@ from flwr_splitms.config import SplitConfig
 from flwr_splitms.core.accounting import RoundAccumulator
 from flwr_splitms.core.aggregation import fedavg
 from flwr_splitms.core.batches import DataCursor
+from flwr_splitms.core.budget import Measurement
 from flwr_splitms.core.client_half import ClientState, SplitClientCore
 from flwr_splitms.core.link import link_for
 from flwr_splitms.core.round import ClientEnd, RoundPlan, SplitRun, with_scores
@@ -101,7 +102,7 @@ def run_local(
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
     resolved = resolve_device(device or config.device)
     plan = RoundPlan.from_config(config)
-    link_for(plan.settings(0))  # a bad codec fails before anything is built
+    plan.check_codecs()  # a bad codec fails before anything is built
     client_net, server_net, train, test_set = _build(
         config, num_clients, models, client_data, test_data, evaluate
     )
@@ -144,7 +145,7 @@ def _evaluate(
     return evaluate_split(
         client_net,
         run.server.model,
-        link_for(run.plan.settings(0, train=False)).uplink,
+        link_for(run.settings(0, train=False)).uplink,
         test_set,
         batch_size=config.eval_batch_size,
         max_examples=config.eval_max_examples,
@@ -168,6 +169,17 @@ class LocalClients:
         self.cores, self.active = cores, list(active)
         self.weights, self.cursors = weights, cursors
         self.states: dict[int, ClientState] = {}
+
+    def probe(
+        self, settings: StepSettings, budget_bits: float, sample: int, acc: RoundAccumulator
+    ) -> list[dict[str, Measurement]]:
+        """codec = "budget": each client measures the candidate codecs on its first batch."""
+        return [
+            self.cores[c].probe(
+                self.weights, self.cursors.get(c), settings, budget_bits=budget_bits, sample=sample
+            )
+            for c in self.active
+        ]
 
     def begin(
         self, settings: StepSettings, count: int, acc: RoundAccumulator

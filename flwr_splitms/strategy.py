@@ -26,10 +26,10 @@ from torch import nn
 
 from flwr_splitms.aggregators import aggregate_client_halves, check_aggregator, drawing_from
 from flwr_splitms.checkpoint import RunState
-from flwr_splitms.codecs import Codec, get_codec
+from flwr_splitms.codecs import Codec
 from flwr_splitms.config import SplitConfig
 from flwr_splitms.core.link import link_for
-from flwr_splitms.core.round import RoundPlan, SplitRun, with_scores
+from flwr_splitms.core.round import RoundPlan, SplitRun, codec_params_of, with_scores
 from flwr_splitms.data import BatchSource
 from flwr_splitms.evaluation import central_evaluator, evaluation_content, score_replies
 from flwr_splitms.history import HISTORY_COLUMNS
@@ -85,6 +85,8 @@ class MSSplitStrategy(FedAvg):
     device : ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"`` for the server half.
     eval_batch_size, eval_max_examples, error_every : evaluation batch and examples (0 = all);
         the compression error is measured every N-th step.
+    budget_bits, budget_every, budget_sample : ``codec="budget"``: the uplink's bits per element
+        (headers included); every N rounds the clients measure the candidates on M rows.
     num_classes : bound of the labels clients may send (None: the last ``nn.Linear``'s outputs).
     node_wait : seconds to wait for ``min_available_nodes``, then :class:`NotEnoughNodesError`.
     wait_factor, wait_floor, drop_slow : a deployed step waits ``wait_factor`` x the slowest
@@ -119,6 +121,9 @@ class MSSplitStrategy(FedAvg):
         eval_batch_size: int = _DEFAULTS.eval_batch_size,
         eval_max_examples: int = _DEFAULTS.eval_max_examples,
         error_every: int = _DEFAULTS.error_every,
+        budget_bits: float = _DEFAULTS.budget_bits,
+        budget_every: int = _DEFAULTS.budget_every,
+        budget_sample: int = _DEFAULTS.budget_sample,
         num_classes: int | None = None,
         node_wait: float = _DEFAULTS.node_wait,
         wait_factor: float = _DEFAULTS.wait_factor,
@@ -137,7 +142,7 @@ class MSSplitStrategy(FedAvg):
         train_kwargs = {k: v for k, v in fedavg_kwargs.items() if "evaluate" not in k}
         self.aggregator = check_aggregator(aggregator) or FedAvg(**train_kwargs)
         keywords = dict(locals())
-        keywords["codec_params"] = dict(get_codec(codec, **dict(codec_params or {})).params)
+        keywords["codec_params"] = codec_params_of(codec, codec_params)
         keywords["grad_codec_params"] = dict(grad_codec_params or {})
         self.plan = plan = RoundPlan.from_keywords(keywords)
         self.run = SplitRun.build(server_model, plan, device=device, num_classes=num_classes)
@@ -145,7 +150,7 @@ class MSSplitStrategy(FedAvg):
         self.wait = AdaptiveWait(math.inf, factor=wait_factor, floor=wait_floor)
         self.drop_slow, self.poll_interval = drop_slow, poll_interval
         self.round_callbacks: list[Callable[[int, ArrayRecord, dict[str, Any]], None]] = []
-        link_for(plan.settings(0))  # fails early on a bad codec of either direction
+        plan.check_codecs()  # fails early on a bad codec of either direction
 
     @classmethod
     def from_config(
@@ -165,7 +170,7 @@ class MSSplitStrategy(FedAvg):
     @property
     def codec(self) -> Codec:
         """The uplink codec."""
-        return link_for(self.plan.settings(0)).uplink
+        return link_for(self.run.settings(0, train=False)).uplink
 
     @property
     def history(self) -> pd.DataFrame:
@@ -210,7 +215,7 @@ class MSSplitStrategy(FedAvg):
             return []
         wait_for_nodes(grid, self.min_available_nodes, self.node_wait)
         content = evaluation_content(
-            self.plan.settings(server_round, train=False),
+            self.run.settings(server_round, train=False),
             arrays,
             config,
             keys=(self.arrayrecord_key, self.configrecord_key),
@@ -223,7 +228,7 @@ class MSSplitStrategy(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Score the clients' compressed test activations on the server model, then aggregate."""
-        link = link_for(self.plan.settings(server_round, train=False))
+        link = link_for(self.run.settings(server_round, train=False))
         scored, examples = score_replies(self.run.server, link, replies)
         if not scored:
             return None
@@ -343,7 +348,7 @@ class MSSplitStrategy(FedAvg):
         return central_evaluator(
             client_model,
             self.server_model,
-            self.codec,
+            lambda: self.codec,
             test_data,
             batch_size=batch_size or self.plan.eval_batch_size,
             max_examples=self.eval_max_examples if max_examples is None else max_examples,

@@ -17,15 +17,17 @@ import math
 import random
 import time
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Protocol, TypeVar
 
 import pandas as pd
 import torch
 
 from flwr_splitms.checkpoint import RunState
+from flwr_splitms.codecs import get_codec
 from flwr_splitms.core.accounting import RoundAccumulator, StepProgress, log_round
 from flwr_splitms.core.batches import DataCursor
+from flwr_splitms.core.budget import BudgetError, CodecChoice, Decision, decide
 from flwr_splitms.core.divergence import DivergenceGuard
 from flwr_splitms.core.link import link_for
 from flwr_splitms.core.schedule import (
@@ -39,6 +41,7 @@ from flwr_splitms.core.server_half import ClientUpload, SplitServerCore
 from flwr_splitms.core.settings import StepSettings
 
 log = logging.getLogger("flwr")
+BUDGET = "budget"  # the codec name of the byte-budget policy
 
 NodeT = TypeVar("NodeT", bound=Hashable)
 ReplyT = TypeVar("ReplyT")
@@ -69,6 +72,9 @@ class RoundPlan:
     grad_codec_params: Mapping[str, Any]
     error_every: int
     eval_batch_size: int
+    budget_bits: float = 0.0  # codec = "budget": bits per activation element, headers included
+    budget_every: int = 1  # rounds between two choices of the codec within the budget
+    budget_sample: int = 4  # rows of a batch each client measures the candidates on
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
@@ -83,6 +89,8 @@ class RoundPlan:
             ("error_every", 1),
             ("warmup_steps", 0),
             ("eval_batch_size", 1),
+            ("budget_every", 1),
+            ("budget_sample", 1),
         ):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
@@ -97,6 +105,11 @@ class RoundPlan:
         """The plan of settings named as run-config attributes (``codec``, ``grad_codec``...)."""
         return cls(**{f: keywords[_KEYWORDS.get(f, f)] for f in cls.__dataclass_fields__})
 
+    def check_codecs(self) -> None:
+        """Fail now, naming the problem, on a codec of either direction that cannot be built."""
+        settings = self.settings(0)
+        link_for(replace(settings, codec_name="none") if self.codec_name == BUDGET else settings)
+
     def round_lr(self, server_round: int, num_rounds: int) -> float:
         """The round's rate: batch scaling, then the schedule over ``num_rounds``."""
         base = scaled_lr(self.lr, self.batch_size, self.lr_scaling)
@@ -106,6 +119,8 @@ class RoundPlan:
         self, server_round: int, num_rounds: int = 1, *, step_offset: int = 0, train: bool = True
     ) -> StepSettings:
         """What the clients are told for a round (inference settings with ``train=False``)."""
+        if self.codec_name == BUDGET and not self.budget_bits:
+            raise BudgetError('codec="budget" needs budget-bits, the bits per element it may send')
         return StepSettings(
             server_round=server_round,
             lr=self.round_lr(server_round, num_rounds) if train else 0.0,
@@ -147,6 +162,12 @@ class RoundClients(Protocol[NodeT, ReplyT]):
     Each call returns only the clients that answered usably; an engine records every client it
     loses in ``acc`` (:meth:`RoundAccumulator.drop`), with its client and message seconds.
     """
+
+    def probe(
+        self, settings: StepSettings, budget_bits: float, sample: int, acc: RoundAccumulator
+    ) -> list[Any]:
+        """codec = "budget": each client's measurements of the candidates on its first batch."""
+        ...
 
     def begin(
         self, settings: StepSettings, count: int, acc: RoundAccumulator
@@ -194,6 +215,8 @@ class SplitRun:
         self.rng = random.Random(plan.seed)  # node sampling
         self.guard = DivergenceGuard(batch_size=plan.batch_size)
         self.started, self.first_round = time.monotonic(), 1
+        self.budget: Decision | None = None  # codec = "budget": the current choice
+        self.budget_round = 0  # ... made at the start of this round
 
     @classmethod
     def build(
@@ -226,10 +249,23 @@ class SplitRun:
     ) -> RoundOutcome[ReplyT]:
         """One round: begin, one server block per message, end. Lost clients are dropped."""
         plan = self.plan
-        settings = plan.settings(server_round, num_rounds, step_offset=self.steps_done)
+        acc = RoundAccumulator(server_round, 0.0)
+        if plan.codec_name == BUDGET and self._choice_due(server_round):
+            probe = plan.settings(server_round, step_offset=self.steps_done)
+            measured = clients.probe(probe, plan.budget_bits, plan.budget_sample, acc)
+            if not measured:
+                log.warning("Round %d: no client answered the probe; round skipped", server_round)
+                return RoundOutcome(acc.row())
+            self.budget, self.budget_round = decide(measured), server_round
+            log.info(
+                "Round %d: codec within the budget: %s", server_round, self.budget.choice.label
+            )
+        settings = self.settings(server_round, num_rounds)
+        acc.lr = settings.lr
+        if self.budget is not None:
+            acc.extra.update(codec_choice=self.budget.choice.label, budget_error=self.budget.error)
         self.server.set_lr(settings.lr)
         link = link_for(settings)
-        acc = RoundAccumulator(server_round, settings.lr)
         first = first_block(plan.steps_per_round, plan.steps_per_message)
         uploads, sizes = clients.begin(settings, first, acc)
         acc.num_clients = len(uploads) + len(acc.dropped)
@@ -272,6 +308,29 @@ class SplitRun:
             if end.cursor is not None:
                 self.cursors[end.client_id] = end.cursor
         return RoundOutcome(acc.row(), ordered)
+
+    def settings(
+        self, server_round: int, num_rounds: int = 1, *, train: bool = True
+    ) -> StepSettings:
+        """The plan's settings of a round, with the codec within the budget where it has one."""
+        settings = self.plan.settings(
+            server_round, num_rounds, step_offset=self.steps_done, train=train
+        )
+        if self.plan.codec_name != BUDGET:
+            return settings
+        if self.budget is None:  # before the first choice: nothing is encoded yet
+            return replace(settings, codec_name="none", codec_params={})
+        choice, fallback = self.budget.choice, self.budget.fallback
+        return replace(
+            settings,
+            codec_name=choice.codec,
+            codec_params=choice.kwargs,
+            budget_bits=self.plan.budget_bits if train else 0.0,
+            budget_fallback=fallback.label,
+        )
+
+    def _choice_due(self, server_round: int) -> bool:
+        return self.budget is None or server_round - self.budget_round >= self.plan.budget_every
 
     def _block(
         self,
@@ -329,7 +388,19 @@ class SplitRun:
             history=[dict(row) for row in self.rows],
             cursors=dict(self.cursors),
             sampler_state=self.rng.getstate(),
+            budget=None if self.budget is None else self._budget_record(),
         )
+
+    def _budget_record(self) -> dict[str, Any]:
+        assert self.budget is not None
+        choice, fallback, error, nbytes = self.budget
+        return {
+            "round": self.budget_round,
+            "choice": choice.label,
+            "fallback": fallback.label,
+            "error": error,
+            "nbytes": nbytes,
+        }
 
     def restore(self, state: RunState) -> dict[str, torch.Tensor]:
         """Adopt a checkpoint: server half, history, cursors, sampler; the global weights."""
@@ -342,7 +413,23 @@ class SplitRun:
         if self.rows and math.isfinite(float(self.rows[0].get("train_loss", math.nan))):
             self.guard.initial = float(self.rows[0]["train_loss"])
         self.first_round = state.server_round + 1
+        if state.budget:
+            record = state.budget
+            self.budget_round = int(record["round"])
+            self.budget = Decision(
+                CodecChoice.parse(record["choice"]),
+                CodecChoice.parse(record["fallback"]),
+                float(record["error"]),
+                int(record["nbytes"]),
+            )
         return {k: v.clone() for k, v in state.client_weights.items()}
+
+
+def codec_params_of(codec: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The full parameters of ``codec`` (its defaults filled in); none for ``"budget"``."""
+    if codec == BUDGET:
+        return {}
+    return dict(get_codec(codec, **dict(params or {})).params)
 
 
 def with_scores(row: dict[str, Any], scores: Mapping[str, Any] | None, prefix: str = "") -> None:

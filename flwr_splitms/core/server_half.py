@@ -208,11 +208,7 @@ class SplitServerCore:
         """
         try:
             payload = Payload.from_bytes(blob)
-            if payload.codec != link.uplink.name:
-                raise UplinkError(
-                    f"payload of codec {payload.codec!r}, expected {link.uplink.name!r}"
-                )
-            activations = link.uplink.decode(payload, device=self.device)
+            activations = link.uplink_of(payload).decode(payload, device=self.device)
         except PayloadError as err:
             raise UplinkError(f"payload does not decode: {err}") from None
         if labels.dim() != 1 or activations.dim() < 1 or activations.shape[0] != labels.shape[0]:
