@@ -85,8 +85,9 @@ class MSSplitStrategy(FedAvg):
     device : ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"`` for the server half.
     eval_batch_size, eval_max_examples, error_every : evaluation batch and examples (0 = all);
         the compression error is measured every N-th step.
-    budget_bits, budget_every, budget_sample : ``codec="budget"``: the uplink's bits per element
-        (headers included); every N rounds the clients measure the candidates on M rows.
+    budget_bits, budget_every, budget_sample, grad_budget_bits : ``codec="budget"``: the uplink's
+        bits per element (headers included), chosen every N rounds from the candidates measured
+        on M rows; the gradients' budget (0 = ``grad_codec`` as given).
     num_classes : bound of the labels clients may send (None: the last ``nn.Linear``'s outputs).
     node_wait : seconds to wait for ``min_available_nodes``, then :class:`NotEnoughNodesError`.
     wait_factor, wait_floor, drop_slow : a deployed step waits ``wait_factor`` x the slowest
@@ -124,6 +125,7 @@ class MSSplitStrategy(FedAvg):
         budget_bits: float = _DEFAULTS.budget_bits,
         budget_every: int = _DEFAULTS.budget_every,
         budget_sample: int = _DEFAULTS.budget_sample,
+        grad_budget_bits: float = _DEFAULTS.grad_budget_bits,
         num_classes: int | None = None,
         node_wait: float = _DEFAULTS.node_wait,
         wait_factor: float = _DEFAULTS.wait_factor,

@@ -83,3 +83,25 @@ def test_resume_keeps_the_current_choice(budget_config: SplitConfig, tmp_path) -
         whole.history["train_loss"].tolist(), rel=1e-6
     )
     assert first.history["codec_choice"].nunique() == 1
+
+
+def test_a_gradient_budget_holds_and_both_engines_agree(
+    tiny_config: SplitConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tiny_config.replace(grad_budget_bits=4.0, num_server_rounds=2, lr_schedule="constant")
+    sizes: list[int] = []
+    original = round_module.RoundAccumulator.downlink
+
+    def downlink(self, blobs):  # type: ignore[no-untyped-def]
+        sizes.extend(len(blob) for blob in blobs)
+        return original(self, blobs)
+
+    monkeypatch.setattr(round_module.RoundAccumulator, "downlink", downlink)
+    local = run_local(config, 2, evaluate=False).history
+    assert sizes and max(sizes) <= budget_nbytes(4.0, config.batch_size * 64 * 32 * 32)
+    assert local["grad_codec_choice"].notna().all()
+    grid = InProcessGrid(client_app(), 2, config.to_run_config())
+    client_net, strat = strategy(config)
+    flower = strat.start(grid, state_to_record(client_net.state_dict()), num_rounds=2).history
+    assert list(flower["grad_codec_choice"]) == list(local["grad_codec_choice"])
+    assert flower["train_loss"].tolist() == pytest.approx(local["train_loss"].tolist(), rel=1e-5)

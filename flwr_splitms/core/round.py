@@ -12,11 +12,12 @@ engine (FedAvg, or any Flower strategy).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -27,9 +28,18 @@ from flwr_splitms.checkpoint import RunState
 from flwr_splitms.codecs import get_codec
 from flwr_splitms.core.accounting import RoundAccumulator, StepProgress, log_round
 from flwr_splitms.core.batches import DataCursor
-from flwr_splitms.core.budget import BudgetError, CodecChoice, Decision, decide
+from flwr_splitms.core.budget import (
+    DOWNLINK,
+    BudgetError,
+    CodecChoice,
+    Decision,
+    Measurement,
+    choose,
+    decide,
+    measure,
+)
 from flwr_splitms.core.divergence import DivergenceGuard
-from flwr_splitms.core.link import link_for
+from flwr_splitms.core.link import Link, link_for
 from flwr_splitms.core.schedule import (
     LR_SCHEDULES,
     first_block,
@@ -75,6 +85,7 @@ class RoundPlan:
     budget_bits: float = 0.0  # codec = "budget": bits per activation element, headers included
     budget_every: int = 1  # rounds between two choices of the codec within the budget
     budget_sample: int = 4  # rows of a batch each client measures the candidates on
+    grad_budget_bits: float = 0.0  # the same for the gradients sent back (0 = grad_codec as set)
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
@@ -217,6 +228,8 @@ class SplitRun:
         self.started, self.first_round = time.monotonic(), 1
         self.budget: Decision | None = None  # codec = "budget": the current choice
         self.budget_round = 0  # ... made at the start of this round
+        self.grad_budget: Decision | None = None  # grad-budget-bits: the gradients' choice
+        self.grad_budget_round = 0
 
     @classmethod
     def build(
@@ -250,22 +263,11 @@ class SplitRun:
         """One round: begin, one server block per message, end. Lost clients are dropped."""
         plan = self.plan
         acc = RoundAccumulator(server_round, 0.0)
-        if plan.codec_name == BUDGET and self._choice_due(server_round):
-            probe = plan.settings(server_round, step_offset=self.steps_done)
-            measured = clients.probe(probe, plan.budget_bits, plan.budget_sample, acc)
-            if not measured:
-                log.warning("Round %d: no client answered the probe; round skipped", server_round)
-                return RoundOutcome(acc.row())
-            self.budget, self.budget_round = decide(measured), server_round
-            log.info(
-                "Round %d: codec within the budget: %s", server_round, self.budget.choice.label
-            )
+        if not self._choose_uplink(clients, server_round, acc):
+            return RoundOutcome(acc.row())
         settings = self.settings(server_round, num_rounds)
         acc.lr = settings.lr
-        if self.budget is not None:
-            acc.extra.update(codec_choice=self.budget.choice.label, budget_error=self.budget.error)
         self.server.set_lr(settings.lr)
-        link = link_for(settings)
         first = first_block(plan.steps_per_round, plan.steps_per_message)
         uploads, sizes = clients.begin(settings, first, acc)
         acc.num_clients = len(uploads) + len(acc.dropped)
@@ -275,31 +277,7 @@ class SplitRun:
             return RoundOutcome(acc.row())
         steps = plan.steps_per_round or min(sizes[n] // plan.batch_size for n in uploads)
         blocks = plan_blocks(max(steps, 1), plan.steps_per_message, first)
-        progress = StepProgress(
-            self.label,
-            sum(blocks),
-            server_round=server_round,
-            num_rounds=num_rounds,
-            run_started=self.started,
-            first_round=self.first_round,
-        )
-        step, ends = 0, {}
-        for index, count in enumerate(blocks):
-            gradients = self._block(link, settings, uploads, step, count, acc)
-            step += count
-            if acc.losses:
-                progress.update(step, acc.losses[-1])
-            try:
-                if index == len(blocks) - 1:
-                    ends = clients.end(settings, gradients, step, acc) if gradients else {}
-                    break
-                uploads = clients.step(settings, gradients, step, blocks[index + 1], acc)
-            except (ValueError, RuntimeError) as err:  # a client half that diverged
-                self.guard.check_error(err, server_round, step, settings.lr_at(step))
-                raise
-            if not uploads:
-                log.warning("Round %d: every client dropped out at step %d", server_round, step)
-                break
+        ends = self._blocks(clients, settings, uploads, blocks, num_rounds, acc)
         self.guard.end_round(acc.losses, server_round, settings.lr)
         if len(acc.losses) < sum(blocks) or not ends:
             return RoundOutcome(acc.row())
@@ -309,13 +287,84 @@ class SplitRun:
                 self.cursors[end.client_id] = end.cursor
         return RoundOutcome(acc.row(), ordered)
 
+    def _choose_uplink(
+        self, clients: RoundClients[NodeT, ReplyT], server_round: int, acc: RoundAccumulator
+    ) -> bool:
+        """codec = "budget": probe and choose when due; False if no client answered the probe."""
+        plan = self.plan
+        if plan.codec_name == BUDGET and self._choice_due(server_round):
+            probe = plan.settings(server_round, step_offset=self.steps_done)
+            measured = clients.probe(probe, plan.budget_bits, plan.budget_sample, acc)
+            if not measured:
+                log.warning("Round %d: no client answered the probe; round skipped", server_round)
+                return False
+            self.budget, self.budget_round = decide(measured), server_round
+            log.info(
+                "Round %d: codec within the budget: %s", server_round, self.budget.choice.label
+            )
+        if self.budget is not None:
+            acc.extra.update(codec_choice=self.budget.choice.label, budget_error=self.budget.error)
+        return True
+
+    def _blocks(
+        self,
+        clients: RoundClients[NodeT, ReplyT],
+        settings: StepSettings,
+        uploads: dict[NodeT, ClientUpload],
+        blocks: Sequence[int],
+        num_rounds: int,
+        acc: RoundAccumulator,
+    ) -> dict[NodeT, ClientEnd[ReplyT]]:
+        """The round's blocks: server steps, gradients back with the next request, the end."""
+        server_round, link = acc.server_round, link_for(settings)
+        progress = StepProgress(
+            self.label,
+            sum(blocks),
+            server_round=server_round,
+            num_rounds=num_rounds,
+            run_started=self.started,
+            first_round=self.first_round,
+        )
+        choose_grads = bool(self.plan.grad_budget_bits) and (
+            self.grad_budget is None
+            or server_round - self.grad_budget_round >= self.plan.budget_every
+        )
+        step = 0
+        for index, count in enumerate(blocks):
+            chooser = functools.partial(self._grads, server_round) if choose_grads else None
+            gradients = self._block(link, settings, uploads, step, count, acc, chooser)
+            if chooser is not None:  # the gradients' new codec, from the next message on
+                settings, choose_grads = self.settings(server_round, num_rounds), False
+                link = link_for(settings)
+            if self.grad_budget is not None:
+                acc.extra["grad_codec_choice"] = self.grad_budget.choice.label
+            step += count
+            if acc.losses:
+                progress.update(step, acc.losses[-1])
+            try:
+                if index == len(blocks) - 1:
+                    return clients.end(settings, gradients, step, acc) if gradients else {}
+                uploads = clients.step(settings, gradients, step, blocks[index + 1], acc)
+            except (ValueError, RuntimeError) as err:  # a client half that diverged
+                self.guard.check_error(err, server_round, step, settings.lr_at(step))
+                raise
+            if not uploads:
+                log.warning("Round %d: every client dropped out at step %d", server_round, step)
+                break
+        return {}
+
     def settings(
         self, server_round: int, num_rounds: int = 1, *, train: bool = True
     ) -> StepSettings:
-        """The plan's settings of a round, with the codec within the budget where it has one."""
+        """The plan's settings of a round, with the codecs chosen within the byte budgets."""
         settings = self.plan.settings(
             server_round, num_rounds, step_offset=self.steps_done, train=train
         )
+        if self.grad_budget is not None:
+            grads = self.grad_budget.choice
+            settings = replace(
+                settings, grad_codec_name=grads.codec, grad_codec_params=grads.kwargs
+            )
         if self.plan.codec_name != BUDGET:
             return settings
         if self.budget is None:  # before the first choice: nothing is encoded yet
@@ -329,6 +378,21 @@ class SplitRun:
             budget_fallback=fallback.label,
         )
 
+    def _grads(self, server_round: int, gradients: list[torch.Tensor]) -> Link:
+        """grad-budget-bits: the least-error fixed-size setting for these gradients, decided
+        on the server's first step of a choosing round (sizes never depend on the data)."""
+        plan = self.plan
+        measured = [
+            measure(g, plan.grad_budget_bits, sample=plan.budget_sample, grid=DOWNLINK)
+            for g in gradients
+        ]
+        choice = choose(measured, fixed_size=True)
+        errors = [Measurement(*m[choice.label]) for m in measured]
+        error = math.fsum(e.error for e in errors) / len(errors)
+        self.grad_budget = Decision(choice, choice, error, max(int(e.nbytes) for e in errors))
+        self.grad_budget_round = server_round
+        return link_for(self.settings(server_round))
+
     def _choice_due(self, server_round: int) -> bool:
         return self.budget is None or server_round - self.budget_round >= self.plan.budget_every
 
@@ -340,13 +404,14 @@ class SplitRun:
         step: int,
         count: int,
         acc: RoundAccumulator,
+        choose_downlink: Callable[[list[torch.Tensor]], Link] | None = None,
     ) -> dict[NodeT, list[bytes]]:
         """The server's steps on a block of uploads; the gradients to send back, counted."""
         for upload in uploads.values():
             acc.uplink(upload)
         tic = time.perf_counter()
         try:
-            block = self.server.run_block(link, settings, uploads, step, count)
+            block = self.server.run_block(link, settings, uploads, step, count, choose_downlink)
         except (ValueError, RuntimeError) as err:  # gradients that overflowed
             self.guard.check_error(err, acc.server_round, step, settings.lr_at(step))
             raise
@@ -388,19 +453,22 @@ class SplitRun:
             history=[dict(row) for row in self.rows],
             cursors=dict(self.cursors),
             sampler_state=self.rng.getstate(),
-            budget=None if self.budget is None else self._budget_record(),
+            budget=self._budget_record(),
         )
 
-    def _budget_record(self) -> dict[str, Any]:
-        assert self.budget is not None
-        choice, fallback, error, nbytes = self.budget
-        return {
-            "round": self.budget_round,
-            "choice": choice.label,
-            "fallback": fallback.label,
-            "error": error,
-            "nbytes": nbytes,
-        }
+    def _budget_record(self) -> dict[str, Any] | None:
+        """The current choices within the byte budgets, as a checkpoint keeps them."""
+        record: dict[str, Any] = {}
+        for prefix, decision, chosen in (
+            ("", self.budget, self.budget_round),
+            ("grad_", self.grad_budget, self.grad_budget_round),
+        ):
+            if decision is not None:
+                choice, fallback, error, nbytes = decision
+                record |= {f"{prefix}round": chosen, f"{prefix}choice": choice.label}
+                record |= {f"{prefix}fallback": fallback.label, f"{prefix}error": error}
+                record[f"{prefix}nbytes"] = nbytes
+        return record or None
 
     def restore(self, state: RunState) -> dict[str, torch.Tensor]:
         """Adopt a checkpoint: server half, history, cursors, sampler; the global weights."""
@@ -413,16 +481,22 @@ class SplitRun:
         if self.rows and math.isfinite(float(self.rows[0].get("train_loss", math.nan))):
             self.guard.initial = float(self.rows[0]["train_loss"])
         self.first_round = state.server_round + 1
-        if state.budget:
-            record = state.budget
-            self.budget_round = int(record["round"])
-            self.budget = Decision(
-                CodecChoice.parse(record["choice"]),
-                CodecChoice.parse(record["fallback"]),
-                float(record["error"]),
-                int(record["nbytes"]),
-            )
+        record = state.budget or {}
+        if "choice" in record:
+            self.budget_round, self.budget = int(record["round"]), _decision(record, "")
+        if "grad_choice" in record:
+            self.grad_budget_round = int(record["grad_round"])
+            self.grad_budget = _decision(record, "grad_")
         return {k: v.clone() for k, v in state.client_weights.items()}
+
+
+def _decision(record: Mapping[str, Any], prefix: str) -> Decision:
+    return Decision(
+        CodecChoice.parse(record[f"{prefix}choice"]),
+        CodecChoice.parse(record[f"{prefix}fallback"]),
+        float(record[f"{prefix}error"]),
+        int(record[f"{prefix}nbytes"]),
+    )
 
 
 def codec_params_of(codec: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
