@@ -59,9 +59,8 @@ class SplitResult(Result):
 class MSSplitStrategy(FedAvg):
     """SplitFed with compressed cut-layer activations, as a Flower ``FedAvg`` strategy.
 
-    It holds the server half (model, SGD), the learning-rate rule and the codecs of both
-    directions; ``start`` runs the rounds and returns a :class:`SplitResult`. Defaults equal
-    :class:`SplitConfig`'s; the run-config key of each parameter has its name, hyphenated.
+    It holds the server half (model, SGD), the learning-rate rule and the codecs of both ways;
+    ``start`` runs the rounds. Defaults are :class:`SplitConfig`'s (keys: the names, hyphenated).
 
     Parameters
     ----------
@@ -90,10 +89,9 @@ class MSSplitStrategy(FedAvg):
         on M rows; the gradients' budget (0 = ``grad_codec`` as given).
     num_classes : bound of the labels clients may send (None: the last ``nn.Linear``'s outputs).
     node_wait : seconds to wait for ``min_available_nodes``, then :class:`NotEnoughNodesError`.
-    wait_factor, wait_floor, drop_slow : a deployed step waits ``wait_factor`` x the slowest
-        recent reply (at least ``wait_floor`` s) and drops nodes slower than that; ``drop_slow``
-        None = never in Flower's simulation engine, where a late reply is queued work.
-    poll_interval : seconds between the first pulls for replies.
+    wait_factor, wait_floor, drop_slow, poll_interval : a deployed step waits ``wait_factor`` x
+        the slowest recent reply (at least ``wait_floor`` s; first pulls ``poll_interval`` s
+        apart), then drops the late; ``drop_slow`` None = never in Flower's simulation engine.
     **fedavg_kwargs : ``FedAvg``'s own (fractions, minimum nodes, record keys, metric
         aggregation fns); ``weighted_by_key`` must stay ``"num-examples"``.
     """
@@ -232,11 +230,8 @@ class MSSplitStrategy(FedAvg):
         """Score the clients' compressed test activations on the server model, then aggregate."""
         link = link_for(self.run.settings(server_round, train=False))
         scored, examples = score_replies(self.run.server, link, replies)
-        if not scored:
-            return None
-        aggregated = self.evaluate_metrics_aggr_fn(scored, self.weighted_by_key)
-        aggregated.setdefault(NUM_EXAMPLES, examples)
-        return aggregated
+        aggregated = self.evaluate_metrics_aggr_fn(scored, self.weighted_by_key) if scored else None
+        return None if aggregated is None else MetricRecord({NUM_EXAMPLES: examples, **aggregated})
 
     def start(
         self,
@@ -256,8 +251,7 @@ class MSSplitStrategy(FedAvg):
         """
         log.info("Starting %s: %d rounds", type(self).__name__, num_rounds)
         self.summary()
-        self.wait.ceiling = timeout
-        transport = self.transport(grid)
+        self.wait.ceiling, transport = timeout, self.transport(grid)
         result, arrays = SplitResult(), initial_arrays
         if resume is not None:
             arrays = self.restore(resume)
@@ -268,8 +262,7 @@ class MSSplitStrategy(FedAvg):
             new_arrays, row, metrics = self.train_round(
                 transport, server_round, num_rounds, arrays, train_config
             )
-            if new_arrays is not None:
-                arrays = new_arrays
+            arrays = new_arrays if new_arrays is not None else arrays
             if metrics is not None:
                 result.train_metrics_clientapp[server_round] = metrics
             fed = self.federated_evaluate(transport, server_round, arrays, evaluate_config)
