@@ -139,7 +139,7 @@ class _Settings:
     resume: bool = False  # continue from the last checkpoint in output-dir
     keep_checkpoints: int = _setting(1, POSITIVE)  # each about 90 MB for ResNet18 shallow
     step_timeout: float = _setting(600.0, Range(0, low_open=True))
-    wait_factor: float = _setting(5.0, Range(1))  # per-step wait: this x the median reply time
+    wait_factor: float = _setting(5.0, Range(1))  # per-step wait: this x the slowest recent reply
     wait_floor: float = _setting(10.0, Range(0))  # ... and at least this many seconds
     # codec = "budget" (core/budget.py): budget-bits = bits per activation element on the wire,
     # headers included (0 = unset; MS 0.99/2 bits costs about 2.32); grad-budget-bits the same
