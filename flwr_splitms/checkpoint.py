@@ -47,6 +47,7 @@ class RunState:
     cursors: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # DataCursor values
     sampler_state: Any = None
     run_config: dict[str, Any] = field(default_factory=dict)
+    budget: dict[str, Any] | None = None  # codec = "budget": the current choice and its round
 
 
 def checkpoint_path(folder: str | Path, server_round: int) -> Path:

@@ -25,10 +25,46 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 from torch import nn
 
-from flwr_splitms import protocol as P
 from flwr_splitms.capacity import CLIENT_CACHE_BYTES
 from flwr_splitms.core.client_half import ClientState, EncodedBatch, SplitClientCore
 from flwr_splitms.data import BatchSource
+from flwr_splitms.protocol import (
+    ARRAYS,
+    BUDGET,
+    BUDGET_BITS,
+    BUDGET_SAMPLE,
+    BUILD_SECONDS,
+    CLIENT_ID,
+    CLIENT_SECONDS,
+    CONFIG,
+    MAX_EXAMPLES,
+    METRICS,
+    NUM_BATCHES,
+    NUM_EXAMPLES,
+    PROCESS_SECONDS,
+    SMASHED,
+    SPLIT_BEGIN,
+    STATE_MOMENTUM,
+    STATE_WEIGHTS,
+    STEP,
+    client_cursor_from_records,
+    client_cursor_records,
+    client_state_from_records,
+    client_state_records,
+    config_int,
+    config_value,
+    cursor_from_table,
+    cursor_metrics,
+    failure_kind,
+    measurements_record,
+    only_record,
+    read_gradients,
+    record_to_state,
+    settings_from_config,
+    smashed_metrics,
+    smashed_record,
+    state_to_record,
+)
 
 ModelFn = Callable[[Context], nn.Module]
 DataFn = Callable[[Context], tuple[BatchSource, BatchSource | None]]
@@ -179,8 +215,8 @@ def answers_errors(handler: Handler) -> Handler:
             return handler(self, msg, context)
         except Exception as err:
             reason = f"{type(err).__name__}: {err}"
-            if P.failure_kind(reason) not in _REPORTED:
-                _REPORTED.add(P.failure_kind(reason))
+            if failure_kind(reason) not in _REPORTED:
+                _REPORTED.add(failure_kind(reason))
                 log.error(
                     "%s failed on node %s", msg.metadata.message_type, context.node_id, exc_info=err
                 )
@@ -252,6 +288,7 @@ class SplitClient:
 
     def register(self, app: ClientApp) -> ClientApp:
         """Add the ``train.split_*`` and ``evaluate.split`` handlers to ``app``."""
+        app.train("split_probe")(self.on_probe)
         app.train("split_begin")(self.on_begin)
         app.train("split_step")(self.on_step)
         app.train("split_end")(self.on_end)
@@ -260,16 +297,34 @@ class SplitClient:
 
     # -- handlers -----------------------------------------------------------------------------
     @answers_errors
+    def on_probe(self, msg: Message, context: Context) -> Message:
+        """codec = "budget": measure the candidate codecs on the round's first batch."""
+        core, _ = self.core(context)
+        config = _config(msg)
+        weights = record_to_state(only_record(msg.content.array_records, ARRAYS, "array"))
+        cursor = cursor_from_table(config, core.client_id)
+        measured = core.probe(
+            weights,
+            cursor or client_cursor_from_records(context.state),
+            settings_from_config(config),
+            budget_bits=float(config_value(config, BUDGET_BITS)),
+            sample=config_int(config, BUDGET_SAMPLE),
+        )
+        metrics = MetricRecord({CLIENT_ID: core.client_id})
+        content = RecordDict({BUDGET: measurements_record(measured), METRICS: metrics})
+        return Message(content, reply_to=msg)
+
+    @answers_errors
     def on_begin(self, msg: Message, context: Context) -> Message:
         """Round start: adopt the global weights and send the first batches' activations."""
         age, started = _process_age(), time.perf_counter()
         core, build = self.core(context)
         config = _config(msg)
-        settings = P.settings_from_config(config)
-        weights = P.record_to_state(P.only_record(msg.content.array_records, P.ARRAYS, "array"))
-        cursor = P.cursor_from_table(config, core.client_id)
-        state = core.start_round(weights, cursor or P.client_cursor_from_records(context.state))
-        count = P.config_int(config, P.NUM_BATCHES, 1)
+        settings = settings_from_config(config)
+        weights = record_to_state(only_record(msg.content.array_records, ARRAYS, "array"))
+        cursor = cursor_from_table(config, core.client_id)
+        state = core.start_round(weights, cursor or client_cursor_from_records(context.state))
+        count = config_int(config, NUM_BATCHES, 1)
         batches = core.forward(state, settings, range(count))
         return self._smashed_reply(msg, context, core, state, batches, (age, build, started))
 
@@ -279,10 +334,10 @@ class SplitClient:
         age, started = _process_age(), time.perf_counter()
         core, build = self.core(context)
         config = _config(msg)
-        settings = P.settings_from_config(config)
+        settings = settings_from_config(config)
         state = self._state(msg, context)
-        core.backward(state, settings, P.read_gradients(msg.content))
-        first, count = P.config_int(config, P.STEP), P.config_int(config, P.NUM_BATCHES, 1)
+        core.backward(state, settings, read_gradients(msg.content))
+        first, count = config_int(config, STEP), config_int(config, NUM_BATCHES, 1)
         batches = core.forward(state, settings, range(first, first + count))
         return self._smashed_reply(msg, context, core, state, batches, (age, build, started))
 
@@ -292,22 +347,22 @@ class SplitClient:
         age, started = _process_age(), time.perf_counter()
         core, build = self.core(context)
         config = _config(msg)
-        settings = P.settings_from_config(config)
+        settings = settings_from_config(config)
         state = self._state(msg, context)
-        core.backward(state, settings, P.read_gradients(msg.content))
-        for key in (P.STATE_WEIGHTS, P.STATE_MOMENTUM):  # the next round brings its weights
+        core.backward(state, settings, read_gradients(msg.content))
+        for key in (STATE_WEIGHTS, STATE_MOMENTUM):  # the next round brings its weights
             if key in context.state:
                 del context.state[key]
-        for key, record in P.client_cursor_records(core.cursor(state)).items():
+        for key, record in client_cursor_records(core.cursor(state)).items():
             context.state[key] = record
         metrics = MetricRecord(
             {
-                P.NUM_EXAMPLES: P.config_int(config, P.STEP) * settings.batch_size,
-                **P.cursor_metrics(core.cursor(state)),
+                NUM_EXAMPLES: config_int(config, STEP) * settings.batch_size,
+                **cursor_metrics(core.cursor(state)),
                 **_timing(core, (age, build, started)),
             }
         )
-        content = RecordDict({P.ARRAYS: P.state_to_record(state.weights), P.METRICS: metrics})
+        content = RecordDict({ARRAYS: state_to_record(state.weights), METRICS: metrics})
         return Message(content, reply_to=msg)
 
     @answers_errors
@@ -316,30 +371,30 @@ class SplitClient:
         age, started = _process_age(), time.perf_counter()
         core, build = self.core(context)
         config = _config(msg)
-        settings = P.settings_from_config(config)
-        weights = P.record_to_state(P.only_record(msg.content.array_records, P.ARRAYS, "array"))
-        batches = core.evaluate(weights, settings, P.config_int(config, P.MAX_EXAMPLES, 0))
+        settings = settings_from_config(config)
+        weights = record_to_state(only_record(msg.content.array_records, ARRAYS, "array"))
+        batches = core.evaluate(weights, settings, config_int(config, MAX_EXAMPLES, 0))
         metrics = MetricRecord(
             {
-                P.NUM_EXAMPLES: sum(len(b.labels) for b in batches),
+                NUM_EXAMPLES: sum(len(b.labels) for b in batches),
                 **_timing(core, (age, build, started)),
             }
         )
-        content = RecordDict({P.SMASHED: P.smashed_record(batches), P.METRICS: metrics})
+        content = RecordDict({SMASHED: smashed_record(batches), METRICS: metrics})
         return Message(content, reply_to=msg)
 
     # -- helpers ------------------------------------------------------------------------------
     def _state(self, msg: Message, context: Context) -> ClientState:
-        state = P.client_state_from_records(context.state)
+        state = client_state_from_records(context.state)
         if state is None:
             raise ValueError(
                 f"node {context.node_id} got {msg.metadata.message_type} before "
-                f"{P.SPLIT_BEGIN}; its state was lost (node restarted?)"
+                f"{SPLIT_BEGIN}; its state was lost (node restarted?)"
             )
         return state
 
     def _store(self, context: Context, state: ClientState) -> None:
-        for key, record in P.client_state_records(state).items():
+        for key, record in client_state_records(state).items():
             context.state[key] = record
 
     def _smashed_reply(
@@ -354,27 +409,27 @@ class SplitClient:
         self._store(context, state)
         metrics = MetricRecord(
             {
-                P.NUM_EXAMPLES: len(core.train_data),
-                **P.smashed_metrics(batches),
+                NUM_EXAMPLES: len(core.train_data),
+                **smashed_metrics(batches),
                 **_timing(core, timing),
             }
         )
-        content = RecordDict({P.SMASHED: P.smashed_record(batches), P.METRICS: metrics})
+        content = RecordDict({SMASHED: smashed_record(batches), METRICS: metrics})
         return Message(content, reply_to=msg)
 
 
 def _config(msg: Message) -> ConfigRecord:
-    config: ConfigRecord = P.only_record(msg.content.config_records, P.CONFIG, "config")
+    config: ConfigRecord = only_record(msg.content.config_records, CONFIG, "config")
     return config
 
 
 def _timing(core: SplitClientCore, timing: tuple[float, float, float]) -> dict[str, float]:
     age, build, started = timing
     return {
-        P.CLIENT_ID: core.client_id,
-        P.CLIENT_SECONDS: time.perf_counter() - started,
-        P.BUILD_SECONDS: build,
-        P.PROCESS_SECONDS: age,
+        CLIENT_ID: core.client_id,
+        CLIENT_SECONDS: time.perf_counter() - started,
+        BUILD_SECONDS: build,
+        PROCESS_SECONDS: age,
     }
 
 

@@ -25,10 +25,11 @@ from flwr_splitms.config import SplitConfig
 from flwr_splitms.core.accounting import RoundAccumulator
 from flwr_splitms.core.aggregation import fedavg
 from flwr_splitms.core.batches import DataCursor
+from flwr_splitms.core.budget import Measurement
 from flwr_splitms.core.client_half import ClientState, SplitClientCore
 from flwr_splitms.core.link import link_for
 from flwr_splitms.core.round import ClientEnd, RoundPlan, SplitRun, with_scores
-from flwr_splitms.core.server_half import ClientUpload, SplitServerCore, evaluate_split
+from flwr_splitms.core.server_half import ClientUpload, evaluate_split
 from flwr_splitms.core.settings import StepSettings
 from flwr_splitms.data import BatchSource
 from flwr_splitms.devices import resolve_device
@@ -93,60 +94,37 @@ def run_local(
     ``device`` overrides ``config.device``. Clients are sampled per round with
     ``fraction-train`` (all of them at 1.0) and run in client-id order.
 
-    ``checkpoint_dir`` keeps a checkpoint of the last ``keep-checkpoints`` rounds there;
-    ``resume`` (:func:`flwr_splitms.checkpoint.latest_run_state` of such a folder) continues
-    after its round and gives exactly the run that was not interrupted. ``round_callback(round,
-    row)`` is called after every round.
+    ``checkpoint_dir`` keeps the last ``keep-checkpoints`` rounds' checkpoints; ``resume`` (its
+    :func:`~flwr_splitms.checkpoint.latest_run_state`) continues exactly the interrupted run.
+    ``round_callback(round, row)`` is called after every round.
     """
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
     resolved = resolve_device(device or config.device)
     plan = RoundPlan.from_config(config)
-    link_for(plan.settings(0))  # a bad codec fails before anything is built
+    plan.check_codecs()  # a bad codec fails before anything is built
     client_net, server_net, train, test_set = _build(
         config, num_clients, models, client_data, test_data, evaluate
     )
     global_weights = {k: v.detach().cpu().clone() for k, v in client_net.state_dict().items()}
-    server = SplitServerCore(
-        server_net,
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        device=resolved,
-    )
-    run = SplitRun(server, plan, label="[local]")
+    run = SplitRun.build(server_net, plan, device=resolved, label="[local]")
     cores = [
         SplitClientCore(copy.deepcopy(client_net), data, client_id=cid, device=resolved)
         for cid, data in enumerate(train)
     ]
-    if resume is not None:
-        global_weights = run.restore(resume)
+    global_weights = run.restore(resume) if resume is not None else global_weights
     for server_round in range(run.first_round, config.num_server_rounds + 1):
         count = max(int(num_clients * config.fraction_train), 1)
-        active = (
-            sorted(run.rng.sample(range(num_clients), count))
-            if count < num_clients
-            else list(range(num_clients))
-        )
-        clients = LocalClients(cores, active, global_weights, run.cursors)
+        active = sorted(run.rng.sample(range(num_clients), count)) if count < num_clients else None
+        clients = LocalClients(cores, active or range(num_clients), global_weights, run.cursors)
         outcome = run.round(clients, server_round, config.num_server_rounds)
         if outcome.ends:
             global_weights = fedavg(
                 [end.reply for end in outcome.ends],
                 [float(end.num_examples) for end in outcome.ends],
             )
-        scores = None
-        if test_set is not None:
-            client_net.load_state_dict(global_weights)
-            scores = evaluate_split(
-                client_net.to(resolved),
-                server.model,
-                link_for(plan.settings(server_round, train=False)).uplink,
-                test_set,
-                batch_size=config.eval_batch_size,
-                max_examples=config.eval_max_examples,
-            )
-        with_scores(outcome.row, scores)
+        client_net.load_state_dict(global_weights)
+        with_scores(outcome.row, _evaluate(config, client_net.to(resolved), run, test_set))
         run.record(outcome.row, config.num_server_rounds, engine="local")
         if checkpoint_dir is not None:
             state = run.run_state(server_round, global_weights)
@@ -154,8 +132,24 @@ def run_local(
             save_run_state(checkpoint_dir, state, keep=config.keep_checkpoints)
         if round_callback is not None:
             round_callback(server_round, outcome.row)
-    server_weights = {k: v.detach().cpu().clone() for k, v in server.model.state_dict().items()}
+    server_weights = {k: v.detach().cpu().clone() for k, v in run.server.model.state_dict().items()}
     return LocalResult(run.history(HISTORY_COLUMNS), global_weights, server_weights, config)
+
+
+def _evaluate(
+    config: SplitConfig, client_net: nn.Module, run: SplitRun, test_set: BatchSource | None
+) -> dict[str, float] | None:
+    """The global client half and the server half on the test set, through the uplink codec."""
+    if test_set is None:
+        return None
+    return evaluate_split(
+        client_net,
+        run.server.model,
+        link_for(run.settings(0, train=False)).uplink,
+        test_set,
+        batch_size=config.eval_batch_size,
+        max_examples=config.eval_max_examples,
+    )
 
 
 class LocalClients:
@@ -175,6 +169,17 @@ class LocalClients:
         self.cores, self.active = cores, list(active)
         self.weights, self.cursors = weights, cursors
         self.states: dict[int, ClientState] = {}
+
+    def probe(
+        self, settings: StepSettings, budget_bits: float, sample: int, acc: RoundAccumulator
+    ) -> list[dict[str, Measurement]]:
+        """codec = "budget": each client measures the candidate codecs on its first batch."""
+        return [
+            self.cores[c].probe(
+                self.weights, self.cursors.get(c), settings, budget_bits=budget_bits, sample=sample
+            )
+            for c in self.active
+        ]
 
     def begin(
         self, settings: StepSettings, count: int, acc: RoundAccumulator

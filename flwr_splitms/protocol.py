@@ -37,6 +37,8 @@ SPLIT_BEGIN = "train.split_begin"
 SPLIT_STEP = "train.split_step"
 SPLIT_END = "train.split_end"
 SPLIT_EVALUATE = "evaluate.split"
+SPLIT_PROBE = "train.split_probe"  # codec = "budget": measure the candidate codecs, send nothing
+BUDGET = "budget"  # ConfigRecord of a probe reply: "measurements" = JSON {label: [error, bytes]}
 
 # Keys of records inside a message's RecordDict (the strategy's arrayrecord_key and
 # configrecord_key replace ARRAYS and CONFIG; clients find the only record of each kind).
@@ -63,6 +65,9 @@ GRAD_CODEC = "grad-codec"  # JSON, as CODEC
 ERROR_EVERY = "error-every"
 WARMUP_STEPS = "warmup-steps"
 STEP_OFFSET = "step-offset"  # steps of the run before this round (where the lr warmup stands)
+BUDGET_BITS = "budget-bits"  # codec = "budget": the uplink's bits per element, headers included
+BUDGET_FALLBACK = "budget-fallback"  # the fixed-size setting an over-budget upload is re-encoded in
+BUDGET_SAMPLE = "budget-sample"  # split_probe: rows of a batch the candidates are measured on
 MAX_EXAMPLES = "max-examples"  # federated evaluation: test examples per client (0 = all)
 CURSORS = "cursors"  # split_begin: the server's record of data cursors, [id, epoch, pos, updates]*
 PROTOCOL_KEYS = (
@@ -80,6 +85,9 @@ PROTOCOL_KEYS = (
     ERROR_EVERY,
     WARMUP_STEPS,
     STEP_OFFSET,
+    BUDGET_BITS,
+    BUDGET_FALLBACK,
+    BUDGET_SAMPLE,
     MAX_EXAMPLES,
     CURSORS,
 )
@@ -132,6 +140,8 @@ def settings_to_config(settings: StepSettings) -> ConfigRecord:
             ERROR_EVERY: settings.error_every,
             WARMUP_STEPS: settings.warmup_steps,
             STEP_OFFSET: settings.step_offset,
+            BUDGET_BITS: settings.budget_bits,
+            BUDGET_FALLBACK: settings.budget_fallback,
         }
     )
 
@@ -155,6 +165,8 @@ def settings_from_config(config: ConfigRecord) -> StepSettings:
         error_every=config_int(config, ERROR_EVERY),
         warmup_steps=config_int(config, WARMUP_STEPS, 0),
         step_offset=config_int(config, STEP_OFFSET, 0),
+        budget_bits=float(config.get(BUDGET_BITS, 0.0)),  # type: ignore[arg-type]
+        budget_fallback=str(config.get(BUDGET_FALLBACK, "")),
     )
 
 
@@ -223,6 +235,21 @@ def read_cursor(metrics: Mapping[str, Any]) -> DataCursor | None:
     if not all(key in metrics for key in CURSOR):
         return None
     return DataCursor(*(int(metrics[key]) for key in CURSOR))
+
+
+def measurements_record(measured: Mapping[str, Sequence[float]]) -> ConfigRecord:
+    """A probe reply's measurements: each candidate's (relative error, message bytes)."""
+    table = {label: [float(m[0]), int(m[1])] for label, m in measured.items()}
+    return ConfigRecord({"measurements": json.dumps(table, sort_keys=True)})
+
+
+def read_measurements(content: RecordDict) -> dict[str, tuple[float, int]]:
+    """Inverse of :func:`measurements_record`, with a clear error for a malformed reply."""
+    try:
+        table = json.loads(str(content.config_records[BUDGET]["measurements"]))
+        return {str(k): (float(v[0]), int(v[1])) for k, v in table.items()}
+    except (KeyError, ValueError, TypeError, IndexError) as err:
+        raise ValueError(f"probe reply lacks readable {BUDGET!r} measurements: {err}") from None
 
 
 # -- arrays ----------------------------------------------------------------------------------

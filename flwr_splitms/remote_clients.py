@@ -11,7 +11,7 @@ the request for the next block, and the round end brings back the client weights
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
@@ -22,6 +22,8 @@ from flwr_splitms.core.round import ClientEnd
 from flwr_splitms.core.server_half import ClientUpload
 from flwr_splitms.core.settings import StepSettings
 from flwr_splitms.protocol import (
+    BUDGET_BITS,
+    BUDGET_SAMPLE,
     CLIENT_ID,
     CURSORS,
     GRADIENT,
@@ -31,11 +33,13 @@ from flwr_splitms.protocol import (
     PROTOCOL_KEYS,
     SPLIT_BEGIN,
     SPLIT_END,
+    SPLIT_PROBE,
     SPLIT_STEP,
     STEP,
     cursor_table,
     gradient_record,
     read_cursor,
+    read_measurements,
     read_smashed,
     reply_metric,
     settings_to_config,
@@ -62,6 +66,20 @@ def split_config(
     return config
 
 
+def retyped(messages: Iterable[Message], message_type: str, server_round: int) -> list[Message]:
+    """The same contents to the same nodes as messages of ``message_type`` (e.g. a Flower
+    strategy's ``train`` messages as ``train.split_begin``)."""
+    return [
+        Message(
+            m.content,
+            dst_node_id=m.metadata.dst_node_id,
+            message_type=message_type,
+            group_id=str(server_round),
+        )
+        for m in messages
+    ]
+
+
 class RemoteClients:
     """The round's nodes: ``begin`` holds the round-start message the aggregator made per node.
 
@@ -82,20 +100,27 @@ class RemoteClients:
         self.configrecord_key, self.extra, self.cursors = configrecord_key, extra, cursors
         self.server_round = 0
 
+    def probe(
+        self, settings: StepSettings, budget_bits: float, sample: int, acc: RoundAccumulator
+    ) -> list[dict[str, tuple[float, int]]]:
+        """codec = "budget": the global weights out, each client's measurements back."""
+        entries = {BUDGET_BITS: budget_bits, BUDGET_SAMPLE: sample}
+        replies = self._exchange(self._round_start(settings, entries, SPLIT_PROBE), acc)
+        measured = []
+        for node, reply in replies.items():
+            try:
+                measured.append(read_measurements(reply.content))
+            except ValueError as err:
+                log.warning("Node %d sent an unreadable probe (%s); dropped", node, err)
+                acc.drop(node, f"unreadable probe: {err}")
+        return measured
+
     def begin(
         self, settings: StepSettings, count: int, acc: RoundAccumulator
     ) -> tuple[dict[int, ClientUpload], dict[int, int]]:
         """Round start: the aggregator's content plus the round settings; the first uploads."""
-        self.server_round = settings.server_round
-        entries = {STEP: 0, NUM_BATCHES: count, CURSORS: cursor_table(self.cursors)}
-        contents: dict[int, RecordDict] = {}  # one content per distinct aggregator content
-        messages = {}
-        for node, message in self.begin_messages.items():
-            original = message.content
-            if id(original) not in contents:
-                contents[id(original)] = self._with_config(original, settings, entries)
-            messages[node] = self._message(contents[id(original)], node, SPLIT_BEGIN)
-        replies = self._exchange(messages, acc)
+        entries = {STEP: 0, NUM_BATCHES: count}
+        replies = self._exchange(self._round_start(settings, entries, SPLIT_BEGIN), acc)
         uploads = self._uploads(replies, acc)
         sizes = {node: int(reply_metric(replies[node], NUM_EXAMPLES, 0)) for node in uploads}
         return uploads, sizes
@@ -131,6 +156,21 @@ class RemoteClients:
                 reply=reply,
             )
         return ends
+
+    def _round_start(
+        self, settings: StepSettings, entries: Mapping[str, Any], message_type: str
+    ) -> dict[int, Message]:
+        """The aggregator's round-start content for each node, with the split config merged."""
+        self.server_round = settings.server_round
+        entries = {**entries, CURSORS: cursor_table(self.cursors)}
+        contents: dict[int, RecordDict] = {}  # one content per distinct aggregator content
+        messages = {}
+        for node, message in self.begin_messages.items():
+            original = message.content
+            if id(original) not in contents:
+                contents[id(original)] = self._with_config(original, settings, entries)
+            messages[node] = self._message(contents[id(original)], node, message_type)
+        return messages
 
     # -- messages -----------------------------------------------------------------------------
     def _with_config(

@@ -11,70 +11,42 @@ its ``configure_train`` samples the nodes and makes the round-start content, its
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 import logging
 import math
-import random
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-import numpy as np
 import pandas as pd
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
 from torch import nn
 
-from flwr_splitms.aggregators import check_aggregator
+from flwr_splitms.aggregators import aggregate_client_halves, check_aggregator, drawing_from
 from flwr_splitms.checkpoint import RunState
-from flwr_splitms.codecs import Codec, get_codec
+from flwr_splitms.codecs import Codec
 from flwr_splitms.config import SplitConfig
-from flwr_splitms.core.batches import DataCursor
 from flwr_splitms.core.link import link_for
-from flwr_splitms.core.round import RoundPlan, SplitRun, with_scores
-from flwr_splitms.core.server_half import SplitServerCore, evaluate_split
+from flwr_splitms.core.round import RoundPlan, SplitRun, codec_params_of, with_scores
 from flwr_splitms.data import BatchSource
+from flwr_splitms.evaluation import central_evaluator, evaluation_content, score_replies
 from flwr_splitms.history import HISTORY_COLUMNS
 from flwr_splitms.protocol import (
-    CLIENT_ONLY_METRICS,
-    MAX_EXAMPLES,
-    METRICS,
     NUM_EXAMPLES,
     SPLIT_BEGIN,
     SPLIT_EVALUATE,
-    read_smashed,
     record_to_state,
     state_to_record,
 )
-from flwr_splitms.remote_clients import RemoteClients, split_config
-from flwr_splitms.transport import (
-    AdaptiveWait,
-    ClientsFailedError,
-    NotEnoughNodesError,
-    Transport,
-    wait_for_nodes,
-)
-
-__all__ = [
-    "ClientsFailedError",
-    "MSSplitStrategy",
-    "NotEnoughNodesError",
-    "SplitResult",
-    "cast_like",
-    "wait_for_nodes",
-]
+from flwr_splitms.remote_clients import RemoteClients, retyped
+from flwr_splitms.transport import AdaptiveWait, Transport, sample, wait_for_nodes
 
 log = logging.getLogger("flwr")
 _DEFAULTS = SplitConfig()
-_CONFIG_KEYWORDS = (  # SplitConfig attributes that are MSSplitStrategy keywords of the same name
-    *("codec", "codec_params", "grad_codec", "grad_codec_params", "lr", "momentum"),
-    *("weight_decay", "lr_schedule", "lr_scaling", "warmup_steps", "batch_size"),
-    *("steps_per_round", "steps_per_message", "augment", "seed", "device", "eval_batch_size"),
-    *("eval_max_examples", "error_every", "node_wait", "wait_factor", "wait_floor"),
-    *("fraction_train", "fraction_evaluate"),
-)
+_FROM_CONFIG = {f.name for f in fields(SplitConfig)} | {"codec_params", "grad_codec_params"}
+_FROM_CONFIG -= {"num_classes"}  # 0 in a run-config: the model's own (None here)
 
 
 @dataclass
@@ -84,79 +56,44 @@ class SplitResult(Result):
     history: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=HISTORY_COLUMNS))
 
 
-def cast_like(arrays: ArrayRecord, reference: Mapping[str, Array | np.dtype]) -> ArrayRecord:
-    """Give aggregated arrays the clients' dtypes (FedAvg's sum comes back as float64).
-
-    ``reference`` maps keys to the clients' Arrays (an ArrayRecord) or to their dtypes.
-    """
-    out = ArrayRecord()
-    for key, value in arrays.items():
-        ref = reference.get(key)
-        dtype = np.dtype(ref.dtype) if isinstance(ref, Array) else ref
-        array = value.numpy()
-        if dtype is not None and array.dtype != dtype:
-            array = np.rint(array) if np.issubdtype(dtype, np.integer) else array
-            array = array.astype(dtype)
-        out[key] = Array(np.array(array, order="C"))
-    return out
-
-
-@contextlib.contextmanager
-def _drawing_from(rng: random.Random) -> Iterator[None]:
-    """Flower's node sampling draws from the global ``random``: seed it from ``rng`` for the
-    call, and give the global state back afterwards."""
-    saved = random.getstate()
-    random.seed(rng.getrandbits(64))
-    try:
-        yield
-    finally:
-        random.setstate(saved)
-
-
 class MSSplitStrategy(FedAvg):
     """SplitFed with compressed cut-layer activations, as a Flower ``FedAvg`` strategy.
 
-    It holds the server-side model and its SGD optimizer, the learning-rate rule and the codecs
-    of both directions. ``start`` runs the rounds and returns a :class:`SplitResult`;
-    ``history`` holds the per-round metrics. Defaults equal :class:`SplitConfig`'s (the
-    run-config keys in brackets).
+    It holds the server half (model, SGD), the learning-rate rule and the codecs of both ways;
+    ``start`` runs the rounds. Defaults are :class:`SplitConfig`'s (keys: the names, hyphenated).
 
     Parameters
     ----------
-    server_model : the server-side network (it is moved to ``device``).
-    aggregator : a Flower strategy (FedAvg, FedAvgM, FedAdam, FedMedian, Krum, FedTrimmedAvg,
-        a differential-privacy wrapper, ...) that samples each round's nodes and aggregates
-        their client-side weights; None = this strategy's own FedAvg. Strategies that need a
-        change on the client (FedProx's proximal term, client-side clipping) are refused.
-    codec, codec_params : uplink codec of the activations and its parameters (``codec``,
-        ``codec-*``); None = the codec's own defaults. Checked at construction.
-    grad_codec, grad_codec_params : downlink codec of the gradients (``grad-codec``,
-        ``grad-codec-*``); ``"none"`` sends raw gradients, as the paper does.
-    lr, momentum, weight_decay : SGD of both halves (``lr``, ``momentum``, ``weight-decay``).
-    lr_schedule : ``"cosine"``, ``"step"`` or ``"constant"`` over ``num_rounds`` (``lr-schedule``).
-    lr_scaling : ``"linear"``: ``lr`` is the rate at a batch of 64 and scales with
-        ``batch_size``; ``"none"``: ``lr`` as given, the paper's setting (``lr-scaling``).
-    warmup_steps : the run's first steps ramp the rate up linearly (``warmup-steps``; 0 = off).
-    batch_size : examples per client and step (``batch-size``).
-    steps_per_round : steps per round; 0 = one local epoch of the smallest sampled partition.
-    steps_per_message : K steps per round trip (``steps-per-message``); 1 = the exact algorithm.
-    augment, seed : random crop and flip of training batches; seed of data order, augmentation,
-        randomized codecs and node sampling (``augment``, ``seed``).
-    device : ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"`` for the server model.
-    eval_batch_size, eval_max_examples : evaluation batches and examples (0 = all).
-    error_every : measure the compression error every N-th step (``error-every``).
-    num_classes : bound of the labels clients may send; None = the last ``nn.Linear``'s outputs.
-    node_wait : seconds to wait for ``min_available_nodes`` before stopping with
-        :class:`NotEnoughNodesError` (``node-wait``).
-    wait_factor, wait_floor : a deployed step waits ``wait_factor`` x the slowest recent reply,
-        at least ``wait_floor`` s, for its replies (:class:`~flwr_splitms.transport.AdaptiveWait`).
-    drop_slow : drop nodes slower than that wait; None = not in Flower's simulation engine,
-        where nodes share actors and a late reply is queued work (``step-timeout`` still bounds
-        a step there).
-    poll_interval : seconds between the first pulls for replies.
-    **fedavg_kwargs : ``FedAvg``'s own (``fraction_train``, ``fraction_evaluate``,
-        ``min_train_nodes``, ``min_evaluate_nodes``, ``min_available_nodes``, the record keys,
-        the metric aggregation fns); ``weighted_by_key`` must stay ``"num-examples"``.
+    server_model : the server-side network (moved to ``device``).
+    aggregator : a Flower strategy (FedAvg, FedAvgM, FedAdam, FedMedian, Krum, FedTrimmedAvg, a
+        server-side DP wrapper, ...) that samples each round's nodes and aggregates their
+        client-side weights; None = ``FedAvg`` with this strategy's training options. Strategies
+        that need the client to change (FedProx's proximal term, client-side clip) are refused.
+    codec, codec_params : uplink codec of the activations and its parameters (``codec-*``);
+        None = the codec's defaults. grad_codec, grad_codec_params : the same for the gradients
+        sent back (``"none"``: raw, as in the paper).
+    lr, momentum, weight_decay : SGD of both halves. lr_scaling : ``"linear"``: ``lr`` is the rate
+        at a batch of 64, scaled with ``batch_size``; ``"none"``: as given (the paper).
+        warmup_steps : the run's first steps ramp the rate up linearly (0 = off). lr_schedule :
+        ``"cosine"``, ``"step"`` or ``"constant"`` over the rounds.
+    batch_size, steps_per_round : examples per client and step; steps per round (0 = one epoch
+        of the smallest sampled partition). steps_per_message : K steps per round trip (1 = the
+        exact algorithm).
+    augment, seed : crop-and-flip of training batches; seed of data order, augmentation,
+        randomized codecs and node sampling.
+    device : ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or ``"mps"`` for the server half.
+    eval_batch_size, eval_max_examples, error_every : evaluation batch and examples (0 = all);
+        the compression error is measured every N-th step.
+    budget_bits, budget_every, budget_sample, grad_budget_bits : ``codec="budget"``: the uplink's
+        bits per element (headers included), chosen every N rounds from the candidates measured
+        on M rows; the gradients' budget (0 = ``grad_codec`` as given).
+    num_classes : bound of the labels clients may send (None: the last ``nn.Linear``'s outputs).
+    node_wait : seconds to wait for ``min_available_nodes``, then :class:`NotEnoughNodesError`.
+    wait_factor, wait_floor, drop_slow, poll_interval : a deployed step waits ``wait_factor`` x
+        the slowest recent reply (at least ``wait_floor`` s; first pulls ``poll_interval`` s
+        apart), then drops the late; ``drop_slow`` None = never in Flower's simulation engine.
+    **fedavg_kwargs : ``FedAvg``'s own (fractions, minimum nodes, record keys, metric
+        aggregation fns); ``weighted_by_key`` must stay ``"num-examples"``.
     """
 
     def __init__(
@@ -183,6 +120,10 @@ class MSSplitStrategy(FedAvg):
         eval_batch_size: int = _DEFAULTS.eval_batch_size,
         eval_max_examples: int = _DEFAULTS.eval_max_examples,
         error_every: int = _DEFAULTS.error_every,
+        budget_bits: float = _DEFAULTS.budget_bits,
+        budget_every: int = _DEFAULTS.budget_every,
+        budget_sample: int = _DEFAULTS.budget_sample,
+        grad_budget_bits: float = _DEFAULTS.grad_budget_bits,
         num_classes: int | None = None,
         node_wait: float = _DEFAULTS.node_wait,
         wait_factor: float = _DEFAULTS.wait_factor,
@@ -198,75 +139,38 @@ class MSSplitStrategy(FedAvg):
                 f"clients report their example counts as {NUM_EXAMPLES!r}; leave it unset"
             )
         super().__init__(**fedavg_kwargs)
-        self.aggregator = check_aggregator(aggregator)
-        plan = RoundPlan(
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            lr_schedule=lr_schedule,
-            lr_scaling=lr_scaling,
-            warmup_steps=warmup_steps,
-            batch_size=batch_size,
-            steps_per_round=steps_per_round,
-            steps_per_message=steps_per_message,
-            augment=augment,
-            seed=seed,
-            codec_name=codec,
-            codec_params=dict(get_codec(codec, **dict(codec_params or {})).params),
-            grad_codec_name=grad_codec,
-            grad_codec_params=dict(grad_codec_params or {}),
-            error_every=error_every,
-            eval_batch_size=eval_batch_size,
-        )
-        server = SplitServerCore(
-            server_model,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            device=device,
-            num_classes=num_classes,
-        )
-        self.plan, self.run = plan, SplitRun(server, plan)
+        train_kwargs = {k: v for k, v in fedavg_kwargs.items() if "evaluate" not in k}
+        self.aggregator = check_aggregator(aggregator) or FedAvg(**train_kwargs)
+        keywords = dict(locals())
+        keywords["codec_params"] = codec_params_of(codec, codec_params)
+        keywords["grad_codec_params"] = dict(grad_codec_params or {})
+        self.plan = plan = RoundPlan.from_keywords(keywords)
+        self.run = SplitRun.build(server_model, plan, device=device, num_classes=num_classes)
         self.eval_max_examples, self.node_wait = eval_max_examples, node_wait
         self.wait = AdaptiveWait(math.inf, factor=wait_factor, floor=wait_floor)
         self.drop_slow, self.poll_interval = drop_slow, poll_interval
         self.round_callbacks: list[Callable[[int, ArrayRecord, dict[str, Any]], None]] = []
-        link_for(plan.settings(0))  # fails early on a bad codec of either direction
+        plan.check_codecs()  # fails early on a bad codec of either direction
 
     @classmethod
     def from_config(
         cls, config: SplitConfig, server_model: nn.Module, **kwargs: Any
     ) -> MSSplitStrategy:
         """Build from a :class:`SplitConfig` (the example app's run-config)."""
-        settings = {key: getattr(config, key) for key in _CONFIG_KEYWORDS}
-        settings |= {"min_available_nodes": config.min_nodes, "min_train_nodes": config.min_nodes}
-        return cls(server_model, **(settings | kwargs))
+        names = [*inspect.signature(cls.__init__).parameters, "fraction_train", "fraction_evaluate"]
+        settings = {k: getattr(config, k) for k in names if k in _FROM_CONFIG}
+        nodes = {"min_train_nodes": config.min_nodes, "min_available_nodes": config.min_nodes}
+        return cls(server_model, **(settings | nodes | kwargs))
 
-    # -- what the strategy holds --------------------------------------------------------------
     @property
     def server_model(self) -> nn.Module:
         """The server-side network."""
         return self.run.server.model
 
     @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        """The server-side SGD optimizer."""
-        return self.run.server.optimizer
-
-    @property
-    def device(self) -> torch.device:
-        """The server model's device."""
-        return self.run.server.device
-
-    @property
     def codec(self) -> Codec:
         """The uplink codec."""
-        return link_for(self.plan.settings(0)).uplink
-
-    @property
-    def cursors(self) -> dict[int, DataCursor]:
-        """Where each client's data order stands (client id -> cursor), as the clients reported."""
-        return self.run.cursors
+        return link_for(self.run.settings(0, train=False)).uplink
 
     @property
     def history(self) -> pd.DataFrame:
@@ -275,20 +179,16 @@ class MSSplitStrategy(FedAvg):
 
     def summary(self) -> None:
         """Log the configuration."""
-        if self.aggregator is None:
-            super().summary()
-        else:
-            self.aggregator.summary()
+        self.aggregator.summary()
         p = self.plan
         log.info(
             "\t└──> Split: codec %s %s | grad codec %s %s | lr %s at batch 64 (%s, scaling %s, "
             "warmup %d) | batch %d | steps/round %s | steps/message %d | device %s",
             *(p.codec_name, dict(p.codec_params), p.grad_codec_name, dict(p.grad_codec_params)),
             *(p.lr, p.lr_schedule, p.lr_scaling, p.warmup_steps, p.batch_size),
-            *(p.steps_per_round or "one epoch", p.steps_per_message, self.device),
+            *(p.steps_per_round or "one epoch", p.steps_per_message, self.run.server.device),
         )
 
-    # -- Flower's hooks, for split messages ---------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -297,42 +197,15 @@ class MSSplitStrategy(FedAvg):
         The round settings are merged into each message's config when the round starts.
         """
         wait_for_nodes(grid, self.min_available_nodes, self.node_wait)
-        with _drawing_from(self.run.rng):
-            if self.aggregator is None:
-                messages = super().configure_train(server_round, arrays, config, grid)
-            else:
-                messages = self.aggregator.configure_train(server_round, arrays, config, grid)
-        return [
-            Message(
-                m.content,
-                dst_node_id=m.metadata.dst_node_id,
-                message_type=SPLIT_BEGIN,
-                group_id=str(server_round),
-            )
-            for m in messages
-        ]
+        with drawing_from(self.run.rng):
+            messages = self.aggregator.configure_train(server_round, arrays, config, grid)
+        return retyped(messages, SPLIT_BEGIN, server_round)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The aggregator's aggregate of the client weights, in the clients' own dtypes."""
-        replies = list(replies)
-        dtypes = {
-            k: np.dtype(a.dtype)
-            for r in replies[:1]
-            if not r.has_error()
-            for k, a in next(iter(r.content.array_records.values())).items()
-        }
-        if self.aggregator is None:
-            arrays, metrics = super().aggregate_train(server_round, replies)
-        else:
-            arrays, metrics = self.aggregator.aggregate_train(server_round, replies)
-        if arrays is not None:
-            arrays = cast_like(arrays, dtypes)
-        for key in CLIENT_ONLY_METRICS:
-            if metrics is not None and key in metrics:
-                del metrics[key]
-        return arrays, metrics
+        return aggregate_client_halves(self.aggregator.aggregate_train, server_round, replies)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -341,44 +214,25 @@ class MSSplitStrategy(FedAvg):
         if self.fraction_evaluate == 0.0:
             return []
         wait_for_nodes(grid, self.min_available_nodes, self.node_wait)
-        nodes = sorted(grid.get_node_ids())
-        size = max(int(len(nodes) * self.fraction_evaluate), self.min_evaluate_nodes)
-        settings = self.plan.settings(server_round, train=False)
-        content = RecordDict(
-            {
-                self.arrayrecord_key: arrays,
-                self.configrecord_key: split_config(
-                    settings, config, {MAX_EXAMPLES: self.eval_max_examples}
-                ),
-            }
+        content = evaluation_content(
+            self.run.settings(server_round, train=False),
+            arrays,
+            config,
+            keys=(self.arrayrecord_key, self.configrecord_key),
+            max_examples=self.eval_max_examples,
         )
-        return [
-            Message(content, dst_node_id=n, message_type=SPLIT_EVALUATE, group_id=str(server_round))
-            for n in sorted(self.run.rng.sample(nodes, min(size, len(nodes))))
-        ]
+        nodes = sample(grid, self.run.rng, self.fraction_evaluate, self.min_evaluate_nodes)
+        return [Message(content, dst_node_id=n, message_type=SPLIT_EVALUATE) for n in nodes]
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         """Score the clients' compressed test activations on the server model, then aggregate."""
-        link = link_for(self.plan.settings(server_round, train=False))
-        scored, examples = [], 0
-        for reply in replies:
-            try:
-                scores = self.run.server.score_uploads(link, [read_smashed(reply.content)])
-            except ValueError as err:
-                log.warning("An evaluation reply is unusable (%s); ignored", err)
-                continue
-            if scores["num-examples"]:
-                examples += int(scores["num-examples"])
-                scored.append(RecordDict({METRICS: MetricRecord(scores)}))  # type: ignore[arg-type]
-        if not scored:
-            return None
-        aggregated = self.evaluate_metrics_aggr_fn(scored, self.weighted_by_key)
-        aggregated.setdefault(NUM_EXAMPLES, examples)
-        return aggregated
+        link = link_for(self.run.settings(server_round, train=False))
+        scored, examples = score_replies(self.run.server, link, replies)
+        aggregated = self.evaluate_metrics_aggr_fn(scored, self.weighted_by_key) if scored else None
+        return None if aggregated is None else MetricRecord({NUM_EXAMPLES: examples, **aggregated})
 
-    # -- the run ------------------------------------------------------------------------------
     def start(
         self,
         grid: Grid,
@@ -390,18 +244,14 @@ class MSSplitStrategy(FedAvg):
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
         resume: RunState | None = None,
     ) -> SplitResult:
-        """Run ``num_rounds`` SplitFed rounds (the rounds after ``resume.server_round``, if given).
+        """Run ``num_rounds`` rounds (those after ``resume.server_round``, a checkpoint's).
 
         ``timeout`` bounds each step's wait for replies; ``train_config`` / ``evaluate_config``
-        entries reach the clients in every training / evaluation message. ``resume`` (a
-        checkpoint's :class:`~flwr_splitms.checkpoint.RunState`) restores the server model, its
-        optimizer, the history, the data cursors and the sampling RNG, and replaces
-        ``initial_arrays`` with the saved global weights.
+        entries reach the clients in every training / evaluation message.
         """
         log.info("Starting %s: %d rounds", type(self).__name__, num_rounds)
         self.summary()
-        self.wait.ceiling = timeout
-        transport = self.transport(grid)
+        self.wait.ceiling, transport = timeout, self.transport(grid)
         result, arrays = SplitResult(), initial_arrays
         if resume is not None:
             arrays = self.restore(resume)
@@ -412,8 +262,7 @@ class MSSplitStrategy(FedAvg):
             new_arrays, row, metrics = self.train_round(
                 transport, server_round, num_rounds, arrays, train_config
             )
-            if new_arrays is not None:
-                arrays = new_arrays
+            arrays = new_arrays if new_arrays is not None else arrays
             if metrics is not None:
                 result.train_metrics_clientapp[server_round] = metrics
             fed = self.federated_evaluate(transport, server_round, arrays, evaluate_config)
@@ -432,9 +281,8 @@ class MSSplitStrategy(FedAvg):
 
     def transport(self, grid: Grid) -> Transport:
         """How this run's messages move over ``grid`` (override to instrument it)."""
-        return Transport(
-            grid, self.wait, poll_interval=self.poll_interval, drop_slow=self.drop_slow
-        )
+        wait, poll, drop_slow = self.wait, self.poll_interval, self.drop_slow
+        return Transport(grid, wait, poll_interval=poll, drop_slow=drop_slow)
 
     def train_round(
         self,
@@ -475,7 +323,6 @@ class MSSplitStrategy(FedAvg):
         exchange = transport.exchange({m.metadata.dst_node_id: m for m in messages})
         return self.aggregate_evaluate(server_round, exchange.replies.values())
 
-    # -- checkpoints --------------------------------------------------------------------------
     def run_state(self, server_round: int, arrays: ArrayRecord) -> RunState:
         """Everything needed to continue after ``server_round`` (a checkpoint)."""
         return self.run.run_state(server_round, record_to_state(arrays))
@@ -493,18 +340,11 @@ class MSSplitStrategy(FedAvg):
         max_examples: int | None = None,
     ) -> Callable[[int, ArrayRecord], MetricRecord]:
         """An ``evaluate_fn`` for :meth:`start`: global client weights + this server model."""
-        client_model.to(self.device)
-
-        def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            client_model.load_state_dict(record_to_state(arrays))
-            result = evaluate_split(
-                client_model,
-                self.server_model,
-                self.codec,
-                test_data,
-                batch_size=batch_size or self.plan.eval_batch_size,
-                max_examples=self.eval_max_examples if max_examples is None else max_examples,
-            )
-            return MetricRecord(result)  # type: ignore[arg-type]
-
-        return evaluate
+        return central_evaluator(
+            client_model,
+            self.server_model,
+            lambda: self.codec,
+            test_data,
+            batch_size=batch_size or self.plan.eval_batch_size,
+            max_examples=self.eval_max_examples if max_examples is None else max_examples,
+        )

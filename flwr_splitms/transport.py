@@ -12,6 +12,7 @@ Every drop is returned with its reason, so that the round's history counts it.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -151,6 +152,13 @@ class Transport:
         if not waiting:
             self.wait.observe(slowest)
         return failures
+
+
+def sample(grid: Grid, rng: random.Random, fraction: float, minimum: int) -> list[int]:
+    """A ``fraction`` of the connected nodes, at least ``minimum``, drawn with ``rng``; sorted."""
+    nodes = sorted(grid.get_node_ids())
+    size = min(max(int(len(nodes) * fraction), minimum), len(nodes))
+    return sorted(rng.sample(nodes, size))
 
 
 def wait_for_nodes(grid: Grid, minimum: int, wait: float) -> int:

@@ -13,7 +13,7 @@ from inprocess_grid import InProcessGrid
 from split_app import client_app
 
 from flwr_splitms.config import SplitConfig
-from flwr_splitms.strategy import NotEnoughNodesError
+from flwr_splitms.transport import NotEnoughNodesError
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "examples" / "cifar100_resnet18"))
 from cifar100_resnet18 import server_app

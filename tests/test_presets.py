@@ -174,8 +174,7 @@ def test_merge_presets_accepts_unquoted_strings_and_explains_bad_values(tmp_path
     assert "Traceback" not in broken.stderr
 
 
-# The engines run codec="budget" once issue 20 wires core/budget.py into them: then use ALL.
-@pytest.mark.parametrize("name", sorted([*CODEC_PRESETS, *CUT_PRESETS]))
+@pytest.mark.parametrize("name", sorted([*CODEC_PRESETS, *CUT_PRESETS, *POLICY_PRESETS]))
 def test_preset_runs_one_step(name: str):
     local = pytest.importorskip("flwr_splitms.local")
     config = SplitConfig.from_run_config({**TINY, **load(name)})

@@ -61,7 +61,19 @@ def test_every_python_block_of_the_readme_is_tested() -> None:
         "own_model",
         "local_engine",
         "history",
+        "aggregator",
+        "budget",
     }
+
+
+def test_readme_aggregator_block() -> None:
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedMedian
+
+    namespace: dict[str, object] = {}
+    exec(compile(readme_block("aggregator"), "README-aggregator", "exec"), namespace)
+    assert isinstance(namespace["robust"].aggregator, FedMedian)  # type: ignore[attr-defined]
+    private = namespace["private"].aggregator  # type: ignore[attr-defined]
+    assert isinstance(private, DifferentialPrivacyServerSideFixedClipping)
 
 
 def test_readme_codecs_block(capsys: pytest.CaptureFixture[str]) -> None:
@@ -104,3 +116,18 @@ def test_readme_history_block(
         (folder / "run.json").write_text(json.dumps({"codec": policy, "cut": "deep"}))
     exec(compile(readme_block("history"), "README-history", "exec"), {})
     assert "1.86" in capsys.readouterr().out  # MS's total saving with raw gradients
+
+
+def test_readme_budget_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flwr_splitms.core.budget import budget_nbytes
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the synthetic data's default root
+    namespace: dict[str, object] = {}
+    exec(compile(readme_block("budget"), "README-budget", "exec"), namespace)
+    history = namespace["history"]
+    assert history["codec_choice"].notna().all()  # type: ignore[index]
+    per_message = history["uplink_bytes"] / (history["steps"] * 2)  # type: ignore[index]
+    assert per_message.max() <= budget_nbytes(2.3222, 16 * 64 * 32 * 32)
+    assert "codec_choice" in capsys.readouterr().out

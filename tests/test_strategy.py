@@ -10,11 +10,12 @@ from inprocess_grid import InProcessGrid
 from split_app import client_app, strategy
 
 from flwr_splitms import protocol as P
+from flwr_splitms.aggregators import cast_like
 from flwr_splitms.config import SplitConfig
 from flwr_splitms.core import lr_at_round, server_step
 from flwr_splitms.experiment import evaluation_data
 from flwr_splitms.history import HISTORY_COLUMNS
-from flwr_splitms.strategy import MSSplitStrategy, SplitResult, cast_like
+from flwr_splitms.strategy import MSSplitStrategy, SplitResult
 
 
 def run(
@@ -136,7 +137,7 @@ def test_every_client_failing_the_same_way_stops_the_run(
     tiny_config: SplitConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
     """batch-size above every partition: one clear error instead of skipped rounds of NaN."""
-    from flwr_splitms.strategy import ClientsFailedError
+    from flwr_splitms.transport import ClientsFailedError
 
     config = tiny_config.replace(batch_size=40, num_server_rounds=3)
     grid = InProcessGrid(client_app(), 2, config.to_run_config())
@@ -255,7 +256,7 @@ def test_dead_node_is_dropped_after_seconds_not_the_timeout(
 
 
 def test_too_few_nodes_stop_with_a_clear_error(tiny_config: SplitConfig) -> None:
-    from flwr_splitms.strategy import NotEnoughNodesError
+    from flwr_splitms.transport import NotEnoughNodesError
 
     grid = InProcessGrid(client_app(), 1, tiny_config.to_run_config())
     client_net, strat = strategy(tiny_config, node_wait=0.2)
@@ -270,7 +271,9 @@ def test_node_lost_mid_round_rejoins_the_next_round(tiny_config: SplitConfig) ->
     grid.silent_messages[1002] = {1}  # drops the first step message of round 1, then is back
     client_net, strat = strategy(config, wait_floor=0.5)
     finished: dict[int, set[int]] = {}  # round -> clients whose weights were averaged
-    strat.round_callbacks.append(lambda r, arrays, row: finished.update({r: set(strat.cursors)}))
+    strat.round_callbacks.append(
+        lambda r, arrays, row: finished.update({r: set(strat.run.cursors)})
+    )
     result = strat.start(grid, P.state_to_record(client_net.state_dict()), num_rounds=2, timeout=5)
     assert list(result.history["steps"]) == [3, 3]
     # Round 1: FedAvg of the two survivors; round 2: all three again (begin, 2 steps, end).

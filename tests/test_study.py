@@ -451,3 +451,14 @@ def test_flwr_engine_builds_the_command(tmp_path: Path):
         run_study(failing, tmp_path / "f", engine="flwr", run_fn=run_fn, figures=False)
     with pytest.raises(FileNotFoundError, match="no Flower app"):
         run_flwr(tmp_path / "nowhere")
+
+
+def test_a_run_with_dropped_clients_is_marked():
+    histories = hand_histories()
+    histories["dropped_clients"] = 0
+    histories.loc[(histories["policy"] == "sp") & (histories["seed"] == 1), "dropped_clients"] = 2
+    summary = seed_summary(histories).set_index("policy")
+    assert summary.loc["sp", "dropped_clients"] == 8 and summary.loc["ms", "dropped_clients"] == 0
+    text = summary_markdown(seed_summary(histories), "hand")
+    assert "| medium | sp (drops: 8 clients) |" in text
+    assert "| medium | ms |" in text

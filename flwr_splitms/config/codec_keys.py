@@ -16,7 +16,7 @@ import functools
 import importlib
 from collections.abc import Mapping
 
-from flwr_splitms.codecs import params as P
+from flwr_splitms.codecs.params import Choice, FloatRange, IntRange, Param
 from flwr_splitms.codecs.registry import codec_class, codec_names
 
 __all__ = [
@@ -31,11 +31,11 @@ __all__ = [
 CODEC_PREFIX = "codec-"
 GRAD_CODEC_PREFIX = "grad-codec-"
 
-Specs = Mapping[str, tuple[P.Param, ...]]
+Specs = Mapping[str, tuple[Param, ...]]
 
 
 @functools.cache
-def codec_param_specs() -> dict[str, tuple[P.Param, ...]]:
+def codec_param_specs() -> dict[str, tuple[Param, ...]]:
     """``{codec name: its Param specs}`` for every registered activation codec."""
     import flwr_splitms.codecs  # noqa: F401  (registers the codecs)
 
@@ -43,7 +43,7 @@ def codec_param_specs() -> dict[str, tuple[P.Param, ...]]:
 
 
 @functools.cache
-def grad_codec_param_specs() -> dict[str, tuple[P.Param, ...]]:
+def grad_codec_param_specs() -> dict[str, tuple[Param, ...]]:
     """``{gradient codec name: its Param specs}``; the activation codecs without ``downlink``."""
     try:
         downlink = importlib.import_module("flwr_splitms.codecs.downlink")
@@ -52,7 +52,7 @@ def grad_codec_param_specs() -> dict[str, tuple[P.Param, ...]]:
             raise
         return codec_param_specs()
     registered = codec_param_specs()
-    specs: dict[str, tuple[P.Param, ...]] = {}
+    specs: dict[str, tuple[Param, ...]] = {}
     for name in downlink.grad_codec_names():
         if name in registered:  # an activation codec applied to the gradient
             specs[name] = registered[name]
@@ -71,29 +71,29 @@ def option_keys(prefix: str, specs: Specs) -> list[str]:
     return list(keys)
 
 
-def coerce_param(spec: P.Param, value: object) -> object:
+def coerce_param(spec: Param, value: object) -> object:
     """Validate a run-config value for ``spec``, accepting TOML's spellings of its values.
 
     Run-configs carry only bool, int, float and str: ``"true"`` stands for True in a choice of
     booleans, and an integral float (``3.0``) for an integer. Raises ValueError like
     ``Param.validate``.
     """
-    if isinstance(spec, P.Choice) and isinstance(value, str):
+    if isinstance(spec, Choice) and isinstance(value, str):
         for choice in spec.choices:
             if str(choice).lower() == value.strip().lower():
                 return spec.validate(choice)
-    if isinstance(spec, P.IntRange) and isinstance(value, float) and value.is_integer():
+    if isinstance(spec, IntRange) and isinstance(value, float) and value.is_integer():
         value = int(value)
     return spec.validate(value)
 
 
-def allowed(spec: P.Param) -> str:
+def allowed(spec: Param) -> str:
     """What ``spec`` accepts, in run-config spelling (for error lines)."""
-    if isinstance(spec, P.Choice):
+    if isinstance(spec, Choice):
         return "one of " + ", ".join(_toml(c) for c in spec.choices)
-    if isinstance(spec, P.IntRange):
+    if isinstance(spec, IntRange):
         return f"an integer in {spec.low}..{spec.high}"
-    if isinstance(spec, P.FloatRange):
+    if isinstance(spec, FloatRange):
         left = "[" if spec.low_closed else "("
         right = "]" if spec.high_closed else ")"
         return f"a number in {left}{spec.low:g}, {spec.high:g}{right}"

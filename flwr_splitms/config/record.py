@@ -16,7 +16,15 @@ from typing import Any
 
 from flwr_splitms.core.schedule import LR_SCALINGS, LR_SCHEDULES
 
-from . import codec_keys as K
+from .codec_keys import (
+    CODEC_PREFIX,
+    GRAD_CODEC_PREFIX,
+    allowed,
+    codec_param_specs,
+    coerce_param,
+    grad_codec_param_specs,
+    option_keys,
+)
 from .rules import Choices, NonEmpty, Range, Rule, closest, show
 
 __all__ = ["BUDGET", "LR_SCHEDULES", "ConfigError", "SplitConfig", "validate"]
@@ -57,11 +65,11 @@ def _archs() -> Sequence[str]:
 
 
 def _codecs() -> Sequence[str]:
-    return [*K.codec_param_specs(), BUDGET]
+    return [*codec_param_specs(), BUDGET]
 
 
 def _grad_codecs() -> Sequence[str]:
-    return list(K.grad_codec_param_specs())
+    return list(grad_codec_param_specs())
 
 
 class _Device(Rule):
@@ -131,7 +139,7 @@ class _Settings:
     resume: bool = False  # continue from the last checkpoint in output-dir
     keep_checkpoints: int = _setting(1, POSITIVE)  # each about 90 MB for ResNet18 shallow
     step_timeout: float = _setting(600.0, Range(0, low_open=True))
-    wait_factor: float = _setting(5.0, Range(1))  # per-step wait: this x the median reply time
+    wait_factor: float = _setting(5.0, Range(1))  # per-step wait: this x the slowest recent reply
     wait_floor: float = _setting(10.0, Range(0))  # ... and at least this many seconds
     # codec = "budget" (core/budget.py): budget-bits = bits per activation element on the wire,
     # headers included (0 = unset; MS 0.99/2 bits costs about 2.32); grad-budget-bits the same
@@ -167,19 +175,19 @@ class SplitConfig(_Settings):
         for name, f in _fields().items():
             object.__setattr__(self, name, _coerce(getattr(self, name), f.default))
         object.__setattr__(
-            self, "codec_options", _normalized(codec, self.codec, K.codec_param_specs())
+            self, "codec_options", _normalized(codec, self.codec, codec_param_specs())
         )
         object.__setattr__(
             self,
             "grad_codec_options",
-            _normalized(grad, self.grad_codec, K.grad_codec_param_specs()),
+            _normalized(grad, self.grad_codec, grad_codec_param_specs()),
         )
 
     def __getattr__(self, name: str) -> Any:
         """``codec_<param>`` / ``grad_codec_<param>``: the value the run uses (see the class)."""
         for prefix, specs_of, chosen, options in (
-            ("grad_codec_", K.grad_codec_param_specs, "grad_codec", "grad_codec_options"),
-            ("codec_", K.codec_param_specs, "codec", "codec_options"),
+            ("grad_codec_", grad_codec_param_specs, "grad_codec", "grad_codec_options"),
+            ("codec_", codec_param_specs, "codec", "codec_options"),
         ):
             if name.startswith(prefix) and name not in _OPTION_FIELDS:
                 param = name[len(prefix) :]
@@ -198,20 +206,20 @@ class SplitConfig(_Settings):
     @property
     def codec_params(self) -> dict[str, Any]:
         """Parameters of the chosen codec, as ``get_codec(codec, **codec_params)`` takes them."""
-        return _effective(K.codec_param_specs().get(self.codec, ()), dict(self.codec_options))
+        return _effective(codec_param_specs().get(self.codec, ()), dict(self.codec_options))
 
     @property
     def grad_codec_params(self) -> dict[str, Any]:
         """Parameters of the gradient codec (``grad-codec-*`` keys, else its defaults)."""
-        specs = K.grad_codec_param_specs()[self.grad_codec]
+        specs = grad_codec_param_specs()[self.grad_codec]
         return _effective(specs, dict(self.grad_codec_options))
 
     def unused_keys(self) -> list[str]:
         """``codec-*``/``grad-codec-*`` keys that are set but the chosen codec does not take."""
         unused = []
         for prefix, chosen, options, specs in (
-            ("codec-", self.codec, self.codec_options, K.codec_param_specs()),
-            ("grad-codec-", self.grad_codec, self.grad_codec_options, K.grad_codec_param_specs()),
+            ("codec-", self.codec, self.codec_options, codec_param_specs()),
+            ("grad-codec-", self.grad_codec, self.grad_codec_options, grad_codec_param_specs()),
         ):
             names = {s.name for s in specs.get(chosen, ())}
             unused += [prefix + _key(p) for p, _ in options if p not in names]
@@ -314,8 +322,8 @@ def _key(name: str) -> str:
 
 def _option_keys(prefix: str) -> list[str]:
     if prefix == "codec_":
-        return K.option_keys(K.CODEC_PREFIX, K.codec_param_specs())
-    return K.option_keys(K.GRAD_CODEC_PREFIX, K.grad_codec_param_specs())
+        return option_keys(CODEC_PREFIX, codec_param_specs())
+    return option_keys(GRAD_CODEC_PREFIX, grad_codec_param_specs())
 
 
 def _take_options(settings: dict[str, Any], prefix: str, field_name: str) -> Options:
@@ -342,13 +350,11 @@ def _pairs(options: Mapping[str, Any]) -> Options:
 def _normalized(options: Options, chosen: str, all_specs: Mapping[str, Sequence[Any]]) -> Options:
     """Options with the chosen codec's parameters in their canonical form (``"true"`` -> True)."""
     specs = {s.name: s for s in all_specs.get(chosen, ())}
-    return tuple((p, K.coerce_param(specs[p], v) if p in specs else v) for p, v in options)
+    return tuple((p, coerce_param(specs[p], v) if p in specs else v) for p, v in options)
 
 
 def _effective(specs: Sequence[Any], given: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        s.name: K.coerce_param(s, given[s.name]) if s.name in given else s.default for s in specs
-    }
+    return {s.name: coerce_param(s, given[s.name]) if s.name in given else s.default for s in specs}
 
 
 def _parse(
@@ -430,8 +436,8 @@ def _problems(
         if line:
             problems.append(line)
     problems += _cut_problems(v)
-    problems += _option_problems("codec-", v["codec"], codec, K.codec_param_specs())
-    problems += _option_problems("grad-codec-", v["grad_codec"], grad, K.grad_codec_param_specs())
+    problems += _option_problems("codec-", v["codec"], codec, codec_param_specs())
+    problems += _option_problems("grad-codec-", v["grad_codec"], grad, grad_codec_param_specs())
     problems += _class_problems(v)
     problems += _budget_problems(v)
     return problems
@@ -468,10 +474,10 @@ def _option_problems(
             continue
         key = prefix + _key(spec.name)
         try:
-            K.coerce_param(spec, given[spec.name])
+            coerce_param(spec, given[spec.name])
         except ValueError:
             problems.append(
-                f"{key}={show(given[spec.name])}: {chosen!r} takes {K.allowed(spec)}; "
+                f"{key}={show(given[spec.name])}: {chosen!r} takes {allowed(spec)}; "
                 f"its default: {key}={show(spec.default)}"
             )
     return problems

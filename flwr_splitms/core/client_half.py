@@ -33,6 +33,7 @@ from flwr_splitms.core.batches import (
     replayed_rng,
     take_batch,
 )
+from flwr_splitms.core.budget import CodecChoice, Measurement, fit_to_budget, measure
 from flwr_splitms.core.link import Link, link_for
 from flwr_splitms.core.settings import StepSettings
 from flwr_splitms.data import BatchSource
@@ -214,7 +215,9 @@ class SplitClientCore:
             x, y = self._inputs(settings, key)
             with torch.set_grad_enabled(self.keep_graph), self._model_rng(settings, key):
                 activations = self.model(x)
-            payload, error = self._encode(link, activations.detach(), settings, key)
+            payload, error = self._encode(
+                link, activations.detach(), settings, key, measured=settings.measures_error(step)
+            )
             graphs.append(activations)
             supports.append(link.support(payload))
             state.pending.append(key)
@@ -224,12 +227,55 @@ class SplitClientCore:
         return batches
 
     def _encode(
-        self, link: Link, activations: torch.Tensor, settings: StepSettings, key: BatchKey
+        self,
+        link: Link,
+        activations: torch.Tensor,
+        settings: StepSettings,
+        key: BatchKey,
+        *,
+        measured: bool,
     ) -> tuple[Payload, float]:
+        """The upload of a batch's activations (and its relative error when ``measured``)."""
         rng = self._codec_rng(settings, key)
-        if settings.measures_error(key.step):
-            return link.uplink.encode_measured(activations, generator=rng, train=True)
-        return link.uplink.encode(activations, generator=rng, train=True), math.nan
+        if measured:
+            payload, error = link.uplink.encode_measured(activations, generator=rng, train=True)
+        else:
+            payload, error = link.uplink.encode(activations, generator=rng, train=True), math.nan
+        if settings.budget_bits:  # codec = "budget": never over it (a zstd setting may be)
+            fallback = CodecChoice.parse(settings.budget_fallback)
+            payload, error = fit_to_budget(
+                payload,
+                error,
+                activations,
+                settings.budget_bits,
+                fallback,
+                generator=self._codec_rng(settings, key),
+                measure_error=measured,
+            )
+        return payload, error
+
+    def probe(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        cursor: DataCursor | None,
+        settings: StepSettings,
+        *,
+        budget_bits: float,
+        sample: int,
+    ) -> dict[str, Measurement]:
+        """codec = "budget": the error and size of each codec setting within ``budget_bits`` on
+        the activations of the round's first batch; nothing is trained, sent or kept."""
+        state = self.start_round(weights, cursor)
+        self._ensure_loaded(state)
+        self.model.train()
+        epoch, position = take_batch(
+            len(self.train_data), settings.batch_size, state.epoch, state.position, self.client_id
+        )
+        key = BatchKey(epoch, position, settings.server_round, 0)
+        x, _ = self._inputs(settings, key)
+        with torch.no_grad(), _scratch_buffers(self.model), self._model_rng(settings, key):
+            activations = self.model(x)
+        return measure(activations, budget_bits, sample=sample)
 
     def backward(
         self, state: ClientState, settings: StepSettings, gradients: Sequence[bytes]
@@ -286,10 +332,8 @@ class SplitClientCore:
         with _scratch_buffers(self.model), self._model_rng(settings, key):
             activations = self.model(x)
         support = None
-        if link.downlink.needs_support:
-            payload = link.uplink.encode(
-                activations.detach(), generator=self._codec_rng(settings, key), train=True
-            )
+        if link.downlink.needs_support:  # the payload as it was sent, budget guard included
+            payload, _ = self._encode(link, activations.detach(), settings, key, measured=False)
             support = link.support(payload)
         return activations, support
 

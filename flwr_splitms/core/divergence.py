@@ -53,6 +53,16 @@ class DivergenceGuard:
         if self.initial is None and losses:
             self.initial = float(losses[0])
 
+    def check_error(self, err: Exception, server_round: int, step: int, lr: float) -> None:
+        """An error from non-finite activations or gradients (codecs refuse NaN/Inf): divergence."""
+        if "NaN or Inf" in str(err):
+            line = (
+                f"Training diverged: the activations or gradients hold NaN or Inf at "
+                f"{self._facts(server_round, step, lr)}. Fix: lower lr, or raise warmup-steps"
+            )
+            log.error("%s", line)
+            raise DivergenceError(line) from err
+
     def check_uploads(
         self, reasons: Sequence[str], sent: int, server_round: int, step: int, lr: float
     ) -> None:

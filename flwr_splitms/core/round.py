@@ -12,22 +12,34 @@ engine (FedAvg, or any Flower strategy).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
 import time
-from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Protocol, TypeVar
 
 import pandas as pd
 import torch
 
 from flwr_splitms.checkpoint import RunState
+from flwr_splitms.codecs import get_codec
 from flwr_splitms.core.accounting import RoundAccumulator, StepProgress, log_round
 from flwr_splitms.core.batches import DataCursor
+from flwr_splitms.core.budget import (
+    DOWNLINK,
+    BudgetError,
+    CodecChoice,
+    Decision,
+    Measurement,
+    choose,
+    decide,
+    measure,
+)
 from flwr_splitms.core.divergence import DivergenceGuard
-from flwr_splitms.core.link import link_for
+from flwr_splitms.core.link import Link, link_for
 from flwr_splitms.core.schedule import (
     LR_SCHEDULES,
     first_block,
@@ -39,6 +51,7 @@ from flwr_splitms.core.server_half import ClientUpload, SplitServerCore
 from flwr_splitms.core.settings import StepSettings
 
 log = logging.getLogger("flwr")
+BUDGET = "budget"  # the codec name of the byte-budget policy
 
 NodeT = TypeVar("NodeT", bound=Hashable)
 ReplyT = TypeVar("ReplyT")
@@ -69,6 +82,10 @@ class RoundPlan:
     grad_codec_params: Mapping[str, Any]
     error_every: int
     eval_batch_size: int
+    budget_bits: float = 0.0  # codec = "budget": bits per activation element, headers included
+    budget_every: int = 1  # rounds between two choices of the codec within the budget
+    budget_sample: int = 4  # rows of a batch each client measures the candidates on
+    grad_budget_bits: float = 0.0  # the same for the gradients sent back (0 = grad_codec as set)
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in LR_SCHEDULES:
@@ -83,6 +100,8 @@ class RoundPlan:
             ("error_every", 1),
             ("warmup_steps", 0),
             ("eval_batch_size", 1),
+            ("budget_every", 1),
+            ("budget_sample", 1),
         ):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
@@ -90,8 +109,17 @@ class RoundPlan:
     @classmethod
     def from_config(cls, config: Any) -> RoundPlan:
         """The plan of a :class:`~flwr_splitms.config.SplitConfig`."""
-        renamed = {"codec_name": "codec", "grad_codec_name": "grad_codec"}
-        return cls(**{f: getattr(config, renamed.get(f, f)) for f in cls.__dataclass_fields__})
+        return cls.from_keywords({key: getattr(config, key) for key in _KEYWORDS.values()})
+
+    @classmethod
+    def from_keywords(cls, keywords: Mapping[str, Any]) -> RoundPlan:
+        """The plan of settings named as run-config attributes (``codec``, ``grad_codec``...)."""
+        return cls(**{f: keywords[_KEYWORDS.get(f, f)] for f in cls.__dataclass_fields__})
+
+    def check_codecs(self) -> None:
+        """Fail now, naming the problem, on a codec of either direction that cannot be built."""
+        settings = self.settings(0)
+        link_for(replace(settings, codec_name="none") if self.codec_name == BUDGET else settings)
 
     def round_lr(self, server_round: int, num_rounds: int) -> float:
         """The round's rate: batch scaling, then the schedule over ``num_rounds``."""
@@ -102,6 +130,8 @@ class RoundPlan:
         self, server_round: int, num_rounds: int = 1, *, step_offset: int = 0, train: bool = True
     ) -> StepSettings:
         """What the clients are told for a round (inference settings with ``train=False``)."""
+        if self.codec_name == BUDGET and not self.budget_bits:
+            raise BudgetError('codec="budget" needs budget-bits, the bits per element it may send')
         return StepSettings(
             server_round=server_round,
             lr=self.round_lr(server_round, num_rounds) if train else 0.0,
@@ -120,6 +150,13 @@ class RoundPlan:
         )
 
 
+_KEYWORDS = {  # RoundPlan field -> run-config attribute, where the names differ
+    "codec_name": "codec",
+    "grad_codec_name": "grad_codec",
+}
+_KEYWORDS.update({f: f for f in RoundPlan.__dataclass_fields__ if f not in _KEYWORDS})
+
+
 @dataclass
 class ClientEnd(Generic[ReplyT]):
     """A client's answer to the round end: its data cursor and what the engine aggregates."""
@@ -136,6 +173,12 @@ class RoundClients(Protocol[NodeT, ReplyT]):
     Each call returns only the clients that answered usably; an engine records every client it
     loses in ``acc`` (:meth:`RoundAccumulator.drop`), with its client and message seconds.
     """
+
+    def probe(
+        self, settings: StepSettings, budget_bits: float, sample: int, acc: RoundAccumulator
+    ) -> list[Any]:
+        """codec = "budget": each client's measurements of the candidates on its first batch."""
+        ...
 
     def begin(
         self, settings: StepSettings, count: int, acc: RoundAccumulator
@@ -183,6 +226,31 @@ class SplitRun:
         self.rng = random.Random(plan.seed)  # node sampling
         self.guard = DivergenceGuard(batch_size=plan.batch_size)
         self.started, self.first_round = time.monotonic(), 1
+        self.budget: Decision | None = None  # codec = "budget": the current choice
+        self.budget_round = 0  # ... made at the start of this round
+        self.grad_budget: Decision | None = None  # grad-budget-bits: the gradients' choice
+        self.grad_budget_round = 0
+
+    @classmethod
+    def build(
+        cls,
+        server_model: torch.nn.Module,
+        plan: RoundPlan,
+        *,
+        device: str | torch.device = "cpu",
+        num_classes: int | None = None,
+        label: str = "",
+    ) -> SplitRun:
+        """A run whose server half trains ``server_model`` with the plan's SGD settings."""
+        server = SplitServerCore(
+            server_model,
+            lr=plan.lr,
+            momentum=plan.momentum,
+            weight_decay=plan.weight_decay,
+            device=device,
+            num_classes=num_classes,
+        )
+        return cls(server, plan, label=label)
 
     @property
     def steps_done(self) -> int:
@@ -194,10 +262,12 @@ class SplitRun:
     ) -> RoundOutcome[ReplyT]:
         """One round: begin, one server block per message, end. Lost clients are dropped."""
         plan = self.plan
-        settings = plan.settings(server_round, num_rounds, step_offset=self.steps_done)
+        acc = RoundAccumulator(server_round, 0.0)
+        if not self._choose_uplink(clients, server_round, acc):
+            return RoundOutcome(acc.row())
+        settings = self.settings(server_round, num_rounds)
+        acc.lr = settings.lr
         self.server.set_lr(settings.lr)
-        link = link_for(settings)
-        acc = RoundAccumulator(server_round, settings.lr)
         first = first_block(plan.steps_per_round, plan.steps_per_message)
         uploads, sizes = clients.begin(settings, first, acc)
         acc.num_clients = len(uploads) + len(acc.dropped)
@@ -207,27 +277,7 @@ class SplitRun:
             return RoundOutcome(acc.row())
         steps = plan.steps_per_round or min(sizes[n] // plan.batch_size for n in uploads)
         blocks = plan_blocks(max(steps, 1), plan.steps_per_message, first)
-        progress = StepProgress(
-            self.label,
-            sum(blocks),
-            server_round=server_round,
-            num_rounds=num_rounds,
-            run_started=self.started,
-            first_round=self.first_round,
-        )
-        step, ends = 0, {}
-        for index, count in enumerate(blocks):
-            gradients = self._block(link, settings, uploads, step, count, acc)
-            step += count
-            if acc.losses:
-                progress.update(step, acc.losses[-1])
-            if index == len(blocks) - 1:
-                ends = clients.end(settings, gradients, step, acc) if gradients else {}
-            else:
-                uploads = clients.step(settings, gradients, step, blocks[index + 1], acc)
-                if not uploads:
-                    log.warning("Round %d: every client dropped out at step %d", server_round, step)
-                    break
+        ends = self._blocks(clients, settings, uploads, blocks, num_rounds, acc)
         self.guard.end_round(acc.losses, server_round, settings.lr)
         if len(acc.losses) < sum(blocks) or not ends:
             return RoundOutcome(acc.row())
@@ -237,6 +287,115 @@ class SplitRun:
                 self.cursors[end.client_id] = end.cursor
         return RoundOutcome(acc.row(), ordered)
 
+    def _choose_uplink(
+        self, clients: RoundClients[NodeT, ReplyT], server_round: int, acc: RoundAccumulator
+    ) -> bool:
+        """codec = "budget": probe and choose when due; False if no client answered the probe."""
+        plan = self.plan
+        if plan.codec_name == BUDGET and self._choice_due(server_round):
+            probe = plan.settings(server_round, step_offset=self.steps_done)
+            measured = clients.probe(probe, plan.budget_bits, plan.budget_sample, acc)
+            if not measured:
+                log.warning("Round %d: no client answered the probe; round skipped", server_round)
+                return False
+            self.budget, self.budget_round = decide(measured), server_round
+            log.info(
+                "Round %d: codec within the budget: %s", server_round, self.budget.choice.label
+            )
+        if self.budget is not None:
+            acc.extra.update(codec_choice=self.budget.choice.label, budget_error=self.budget.error)
+        return True
+
+    def _blocks(
+        self,
+        clients: RoundClients[NodeT, ReplyT],
+        settings: StepSettings,
+        uploads: dict[NodeT, ClientUpload],
+        blocks: Sequence[int],
+        num_rounds: int,
+        acc: RoundAccumulator,
+    ) -> dict[NodeT, ClientEnd[ReplyT]]:
+        """The round's blocks: server steps, gradients back with the next request, the end."""
+        server_round, link = acc.server_round, link_for(settings)
+        progress = StepProgress(
+            self.label,
+            sum(blocks),
+            server_round=server_round,
+            num_rounds=num_rounds,
+            run_started=self.started,
+            first_round=self.first_round,
+        )
+        choose_grads = bool(self.plan.grad_budget_bits) and (
+            self.grad_budget is None
+            or server_round - self.grad_budget_round >= self.plan.budget_every
+        )
+        step = 0
+        for index, count in enumerate(blocks):
+            chooser = functools.partial(self._grads, server_round) if choose_grads else None
+            gradients = self._block(link, settings, uploads, step, count, acc, chooser)
+            if chooser is not None:  # the gradients' new codec, from the next message on
+                settings, choose_grads = self.settings(server_round, num_rounds), False
+                link = link_for(settings)
+            if self.grad_budget is not None:
+                acc.extra["grad_codec_choice"] = self.grad_budget.choice.label
+            step += count
+            if acc.losses:
+                progress.update(step, acc.losses[-1])
+            try:
+                if index == len(blocks) - 1:
+                    return clients.end(settings, gradients, step, acc) if gradients else {}
+                uploads = clients.step(settings, gradients, step, blocks[index + 1], acc)
+            except (ValueError, RuntimeError) as err:  # a client half that diverged
+                self.guard.check_error(err, server_round, step, settings.lr_at(step))
+                raise
+            if not uploads:
+                log.warning("Round %d: every client dropped out at step %d", server_round, step)
+                break
+        return {}
+
+    def settings(
+        self, server_round: int, num_rounds: int = 1, *, train: bool = True
+    ) -> StepSettings:
+        """The plan's settings of a round, with the codecs chosen within the byte budgets."""
+        settings = self.plan.settings(
+            server_round, num_rounds, step_offset=self.steps_done, train=train
+        )
+        if self.grad_budget is not None:
+            grads = self.grad_budget.choice
+            settings = replace(
+                settings, grad_codec_name=grads.codec, grad_codec_params=grads.kwargs
+            )
+        if self.plan.codec_name != BUDGET:
+            return settings
+        if self.budget is None:  # before the first choice: nothing is encoded yet
+            return replace(settings, codec_name="none", codec_params={})
+        choice, fallback = self.budget.choice, self.budget.fallback
+        return replace(
+            settings,
+            codec_name=choice.codec,
+            codec_params=choice.kwargs,
+            budget_bits=self.plan.budget_bits if train else 0.0,
+            budget_fallback=fallback.label,
+        )
+
+    def _grads(self, server_round: int, gradients: list[torch.Tensor]) -> Link:
+        """grad-budget-bits: the least-error fixed-size setting for these gradients, decided
+        on the server's first step of a choosing round (sizes never depend on the data)."""
+        plan = self.plan
+        measured = [
+            measure(g, plan.grad_budget_bits, sample=plan.budget_sample, grid=DOWNLINK)
+            for g in gradients
+        ]
+        choice = choose(measured, fixed_size=True)
+        errors = [Measurement(*m[choice.label]) for m in measured]
+        error = math.fsum(e.error for e in errors) / len(errors)
+        self.grad_budget = Decision(choice, choice, error, max(int(e.nbytes) for e in errors))
+        self.grad_budget_round = server_round
+        return link_for(self.settings(server_round))
+
+    def _choice_due(self, server_round: int) -> bool:
+        return self.budget is None or server_round - self.budget_round >= self.plan.budget_every
+
     def _block(
         self,
         link: Any,
@@ -245,12 +404,17 @@ class SplitRun:
         step: int,
         count: int,
         acc: RoundAccumulator,
+        choose_downlink: Callable[[list[torch.Tensor]], Link] | None = None,
     ) -> dict[NodeT, list[bytes]]:
         """The server's steps on a block of uploads; the gradients to send back, counted."""
         for upload in uploads.values():
             acc.uplink(upload)
         tic = time.perf_counter()
-        block = self.server.run_block(link, settings, uploads, step, count)
+        try:
+            block = self.server.run_block(link, settings, uploads, step, count, choose_downlink)
+        except (ValueError, RuntimeError) as err:  # gradients that overflowed
+            self.guard.check_error(err, acc.server_round, step, settings.lr_at(step))
+            raise
         acc.server_seconds += time.perf_counter() - tic
         for node, reason in block.dropped.items():
             log.warning(
@@ -289,7 +453,22 @@ class SplitRun:
             history=[dict(row) for row in self.rows],
             cursors=dict(self.cursors),
             sampler_state=self.rng.getstate(),
+            budget=self._budget_record(),
         )
+
+    def _budget_record(self) -> dict[str, Any] | None:
+        """The current choices within the byte budgets, as a checkpoint keeps them."""
+        record: dict[str, Any] = {}
+        for prefix, decision, chosen in (
+            ("", self.budget, self.budget_round),
+            ("grad_", self.grad_budget, self.grad_budget_round),
+        ):
+            if decision is not None:
+                choice, fallback, error, nbytes = decision
+                record |= {f"{prefix}round": chosen, f"{prefix}choice": choice.label}
+                record |= {f"{prefix}fallback": fallback.label, f"{prefix}error": error}
+                record[f"{prefix}nbytes"] = nbytes
+        return record or None
 
     def restore(self, state: RunState) -> dict[str, torch.Tensor]:
         """Adopt a checkpoint: server half, history, cursors, sampler; the global weights."""
@@ -302,7 +481,29 @@ class SplitRun:
         if self.rows and math.isfinite(float(self.rows[0].get("train_loss", math.nan))):
             self.guard.initial = float(self.rows[0]["train_loss"])
         self.first_round = state.server_round + 1
+        record = state.budget or {}
+        if "choice" in record:
+            self.budget_round, self.budget = int(record["round"]), _decision(record, "")
+        if "grad_choice" in record:
+            self.grad_budget_round = int(record["grad_round"])
+            self.grad_budget = _decision(record, "grad_")
         return {k: v.clone() for k, v in state.client_weights.items()}
+
+
+def _decision(record: Mapping[str, Any], prefix: str) -> Decision:
+    return Decision(
+        CodecChoice.parse(record[f"{prefix}choice"]),
+        CodecChoice.parse(record[f"{prefix}fallback"]),
+        float(record[f"{prefix}error"]),
+        int(record[f"{prefix}nbytes"]),
+    )
+
+
+def codec_params_of(codec: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The full parameters of ``codec`` (its defaults filled in); none for ``"budget"``."""
+    if codec == BUDGET:
+        return {}
+    return dict(get_codec(codec, **dict(params or {})).params)
 
 
 def with_scores(row: dict[str, Any], scores: Mapping[str, Any] | None, prefix: str = "") -> None:

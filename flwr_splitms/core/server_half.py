@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -208,11 +208,7 @@ class SplitServerCore:
         """
         try:
             payload = Payload.from_bytes(blob)
-            if payload.codec != link.uplink.name:
-                raise UplinkError(
-                    f"payload of codec {payload.codec!r}, expected {link.uplink.name!r}"
-                )
-            activations = link.uplink.decode(payload, device=self.device)
+            activations = link.uplink_of(payload).decode(payload, device=self.device)
         except PayloadError as err:
             raise UplinkError(f"payload does not decode: {err}") from None
         if labels.dim() != 1 or activations.dim() < 1 or activations.shape[0] != labels.shape[0]:
@@ -279,10 +275,13 @@ class SplitServerCore:
         uploads: Mapping[NodeT, ClientUpload],
         first_step: int,
         batches: int,
+        choose_downlink: Callable[[list[torch.Tensor]], Link] | None = None,
     ) -> BlockResult[NodeT]:
         """The ``batches`` server steps of one block, in order, on the usable uploads.
 
         Clients are concatenated in client-id order. Returns each client's downlink bytes.
+        ``choose_downlink`` (a byte budget for the gradients) gets the first step's raw
+        gradients and returns the link whose downlink codec encodes the block's gradients.
         """
         decoded, dropped = self._decode_block(link, uploads, batches)
         order = sorted(decoded, key=lambda node: uploads[node].client_id)
@@ -301,6 +300,8 @@ class SplitServerCore:
                     [decoded[n].labels[j] for n in order],
                 )
             losses.append(outcome.loss)
+            if choose_downlink is not None and j == 0:
+                link = choose_downlink(outcome.gradients)
             for node, gradient in zip(order, outcome.gradients, strict=True):
                 rng = grad_codec_generator(
                     settings.seed, uploads[node].client_id, settings.server_round, step

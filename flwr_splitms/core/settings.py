@@ -32,6 +32,8 @@ class StepSettings:
     error_every: int = 1
     warmup_steps: int = 0
     step_offset: int = 0  # steps the run took before this round (where the warmup stands)
+    budget_bits: float = 0.0  # codec = "budget": no upload may exceed this many bits per element
+    budget_fallback: str = ""  # ... else it is re-encoded with this fixed-size setting (a label)
 
     def lr_at(self, step: int) -> float:
         """Learning rate of the round's ``step`` (0-based): ``lr`` after the run's warmup."""

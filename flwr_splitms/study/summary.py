@@ -53,10 +53,17 @@ def seed_summary(
     seeds that reach; inf if none) and ``<t>_multiplier_mean/_std`` (same seeds; inf if none);
     ``uplink_bytes_mean``, ``downlink_bytes_mean``, ``total_bytes_mean`` (whole run);
     ``uplink_saving`` and ``total_saving`` (the baseline's bytes per run / this policy's);
-    ``compression_error_mean``.
+    ``compression_error_mean``; ``dropped_clients`` (clients dropped from rounds, all seeds:
+    a run with drops did not train the algorithm as configured).
     """
     if "seed" not in histories.columns:
         histories = histories.assign(seed=0)
+    if "dropped_clients" not in histories.columns:
+        histories = histories.assign(dropped_clients=0)
+    drops = histories.assign(cut=histories["cut"].fillna("")).groupby(["cut", "policy"])[
+        "dropped_clients"
+    ]
+    dropped = drops.sum(min_count=1).fillna(0)
     per_seed = []
     for seed, part in histories.groupby("seed", sort=True):
         tables = {
@@ -106,6 +113,7 @@ def seed_summary(
                 row[f"{t}_multiplier_std"] = _std(finite)
         for column in ("uplink_bytes", "downlink_bytes", "total_bytes", "compression_error"):
             row[f"{column}_mean"] = group[column].mean()
+        row["dropped_clients"] = int(dropped.get((cut, policy), 0))
         rows.append(row)
     out = pd.DataFrame(rows)
     for t, column in (("uplink", "uplink_bytes_mean"), ("total", "total_bytes_mean")):
@@ -150,12 +158,15 @@ def summary_markdown(summary: pd.DataFrame, title: str, notes: str = "") -> str:
     lines = [f"# {title}", "", notes, "", header, "|" + "---|" * 14]
     for _, row in summary.iterrows():
         reached = "" if math.isnan(row["reached"]) else f"{int(row['reached'])}/{row['seeds']}"
+        policy = str(row["policy"])
+        if row.get("dropped_clients", 0):
+            policy += f" (drops: {int(row['dropped_clients'])} clients)"
         lines.append(
             "| "
             + " | ".join(
                 [
                     str(row["cut"] or ""),
-                    str(row["policy"]),
+                    policy,
                     str(row["seeds"]),
                     _pm(row["best_accuracy_mean"], row["best_accuracy_std"]),
                     _pm(row["final_accuracy_mean"], row["final_accuracy_std"]),

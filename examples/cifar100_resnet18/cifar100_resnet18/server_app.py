@@ -10,6 +10,7 @@ fix, before Flower prints the traceback.
 
 import logging
 import os
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -44,12 +45,8 @@ from flwr_splitms.history import save_history
 from flwr_splitms.protocol import record_to_state, state_to_record
 from flwr_splitms.runs import latest_run_dir, new_run_dir, output_root, saved_run_config
 from flwr_splitms.storage import save_checkpoint
-from flwr_splitms.strategy import (
-    ClientsFailedError,
-    MSSplitStrategy,
-    NotEnoughNodesError,
-    wait_for_nodes,
-)
+from flwr_splitms.strategy import MSSplitStrategy
+from flwr_splitms.transport import ClientsFailedError, NotEnoughNodesError, wait_for_nodes
 
 log = logging.getLogger("flwr")
 app = ServerApp()
@@ -112,9 +109,10 @@ def check_memory_fits(
     halves of the sampled clients and the bounded caches of the idle ones.
     """
     registered = len(list(grid.get_node_ids()))
-    sampled = min(
-        registered, max(int(registered * strategy.fraction_train), strategy.min_train_nodes)
-    )
+    sampler = strategy.aggregator  # samples as FedAvg: a fraction of the nodes, at least a minimum
+    fraction = getattr(sampler, "fraction_train", strategy.fraction_train)
+    minimum = getattr(sampler, "min_train_nodes", strategy.min_train_nodes)
+    sampled = min(registered, max(int(registered * fraction), minimum))
     simulation = is_simulation_grid(grid)
     estimate = memory_estimate(
         config,
@@ -128,7 +126,7 @@ def check_memory_fits(
         cache_bytes=cache_bytes_from_env(),
         clients_here=simulation,
     )
-    device = strategy.device
+    device = next(strategy.server_model.parameters()).device
     host = available_memory("cpu")
     log.info(
         "Memory: about %s for %d registered and %d sampled nodes (%s); %s available",
@@ -161,23 +159,25 @@ def train(grid: Grid, context: Context) -> None:
     config = check(run_config, grid)
     root = output_root(config.output_dir)
     resume: RunState | None = None
+    resumed: Path | None = None  # the run folder to continue in
     if config.resume:
-        folder = latest_run_dir(root)
-        if folder is None:
+        resumed = latest_run_dir(root)
+        if resumed is None:
             raise fail([f"resume=true: no run under {root} to resume; start with resume=false"])
-        differences = config_differences(saved_run_config(folder), config.to_run_config())
+        differences = config_differences(saved_run_config(resumed), config.to_run_config())
         if differences:
             raise fail(
-                [f"resume=true: the run-config differs from {folder}: " + ", ".join(differences)]
+                [f"resume=true: the run-config differs from {resumed}: " + ", ".join(differences)]
             )
-        resume = latest_run_state(folder)
+        resume = latest_run_state(resumed)
     evaluation_set = evaluation_data(config)
     client_net, server_net = build_split_model(config)
     strategy = MSSplitStrategy.from_config(config, server_net, num_classes=num_classes(config))
     check_memory_fits(config, grid, strategy, client_net, evaluation_set)
-    if not config.resume:
+    if resumed is None:  # a new run's folder only once it is known to fit
         folder = new_run_dir(root, context.run_id, config.to_run_config())
     else:
+        folder = resumed
         log.info("Resuming %s after round %s", folder, resume.server_round if resume else 0)
     log.info("Writing history.csv, checkpoints and final weights to %s", folder)
 
