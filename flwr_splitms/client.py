@@ -34,8 +34,10 @@ from flwr_splitms.protocol import (
     BUDGET_BITS,
     BUDGET_SAMPLE,
     BUILD_SECONDS,
+    CLIENT_FINISHED,
     CLIENT_ID,
     CLIENT_SECONDS,
+    CLIENT_STARTED,
     CONFIG,
     MAX_EXAMPLES,
     METRICS,
@@ -425,9 +427,13 @@ def _config(msg: Message) -> ConfigRecord:
 
 def _timing(core: SplitClientCore, timing: tuple[float, float, float]) -> dict[str, float]:
     age, build, started = timing
+    seconds = time.perf_counter() - started
+    finished = time.time()
     return {
         CLIENT_ID: core.client_id,
-        CLIENT_SECONDS: time.perf_counter() - started,
+        CLIENT_SECONDS: seconds,
+        CLIENT_STARTED: finished - seconds,  # wall clock: the strategy merges the intervals
+        CLIENT_FINISHED: finished,
         BUILD_SECONDS: build,
         PROCESS_SECONDS: age,
     }

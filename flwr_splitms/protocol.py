@@ -98,10 +98,12 @@ CLIENT_ID = "client-id"
 CLIENT_SECONDS = "client-seconds"  # handler time
 BUILD_SECONDS = "build-seconds"  # building the model and data in this process (0 when cached)
 PROCESS_SECONDS = "process-seconds"  # age of the client process when the handler started
+CLIENT_STARTED = "client-started"  # wall clock (time.time()) when the handler started
+CLIENT_FINISHED = "client-finished"  # wall clock when the handler finished
 RAW_BYTES = "raw-bytes"  # bytes the uncompressed activations would take
 COMPRESSION_ERROR = "compression-error"  # per batch; NaN where not measured
 CURSOR = ("cursor-epoch", "cursor-position", "cursor-updates")  # split_end: the data cursor
-CLIENT_ONLY_METRICS = (CLIENT_ID, *CURSOR)  # per-client facts that FedAvg must not average
+CLIENT_ONLY_METRICS = (CLIENT_ID, *CURSOR, CLIENT_STARTED, CLIENT_FINISHED)  # not averaged
 
 # Keys of what a node keeps in ``context.state`` between messages.
 STATE_WEIGHTS = "splitms.weights"

@@ -92,8 +92,7 @@ class MSSplitStrategy(FedAvg):
     wait_factor, wait_floor, drop_slow, poll_interval : a deployed step waits ``wait_factor`` x
         the slowest recent reply (at least ``wait_floor`` s; first pulls ``poll_interval`` s
         apart), then drops the late; ``drop_slow`` None = never in Flower's simulation engine.
-    **fedavg_kwargs : ``FedAvg``'s own (fractions, minimum nodes, record keys, metric
-        aggregation fns); ``weighted_by_key`` must stay ``"num-examples"``.
+    **fedavg_kwargs : ``FedAvg``'s own options; ``weighted_by_key`` must stay ``"num-examples"``.
     """
 
     def __init__(
@@ -159,8 +158,9 @@ class MSSplitStrategy(FedAvg):
         """Build from a :class:`SplitConfig` (the example app's run-config)."""
         names = [*inspect.signature(cls.__init__).parameters, "fraction_train", "fraction_evaluate"]
         settings = {k: getattr(config, k) for k in names if k in _FROM_CONFIG}
-        nodes = {"min_train_nodes": config.min_nodes, "min_available_nodes": config.min_nodes}
-        return cls(server_model, **(settings | nodes | kwargs))
+        least = {"min_train_nodes": min(config.min_nodes, 2)}  # min-nodes: wait for, not sample
+        least["min_available_nodes"] = config.min_nodes
+        return cls(server_model, **(settings | least | kwargs))
 
     @property
     def server_model(self) -> nn.Module:

@@ -12,6 +12,7 @@ Every drop is returned with its reason, so that the round's history counts it.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections import deque
@@ -22,7 +23,13 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from flwr_splitms.flower_internals import is_simulation_grid
-from flwr_splitms.protocol import CLIENT_SECONDS, failure_kind, reply_metric
+from flwr_splitms.protocol import (
+    CLIENT_FINISHED,
+    CLIENT_SECONDS,
+    CLIENT_STARTED,
+    failure_kind,
+    reply_metric,
+)
 
 log = logging.getLogger("flwr")
 
@@ -79,8 +86,27 @@ class Exchange:
     seconds: float = 0.0  # from the push to the last reply (or the deadline)
 
     def client_seconds(self) -> float:
-        """The slowest client's own handler time (what the exchange spent computing)."""
-        return max((reply_metric(r, CLIENT_SECONDS, 0.0) for r in self.replies.values()), default=0)
+        """Seconds of the exchange during which a client handler ran (what it spent computing).
+
+        The union of the handlers' wall-clock intervals: clients that share a worker (Flower's
+        simulation runs many nodes on each Ray actor) run one after another and their handler
+        times add up; clients on their own machines overlap and count once. At least the
+        slowest handler (clients that report no interval, clocks that disagree), at most the
+        exchange.
+        """
+        replies = self.replies.values()
+        slowest = max((reply_metric(r, CLIENT_SECONDS, 0.0) for r in replies), default=0.0)
+        spans = sorted(
+            (reply_metric(r, CLIENT_STARTED, math.nan), reply_metric(r, CLIENT_FINISHED, math.nan))
+            for r in replies
+        )
+        busy, end = 0.0, -math.inf
+        for start, finish in spans:
+            if not (math.isfinite(start) and math.isfinite(finish)) or finish < start:
+                continue
+            busy += max(finish - max(start, end), 0.0)
+            end = max(end, finish)
+        return min(max(busy, slowest), self.seconds) if self.seconds else max(busy, slowest)
 
 
 class Transport:
