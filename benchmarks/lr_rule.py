@@ -11,9 +11,9 @@ shallow, the default) or ``small-cnn`` (``steps_per_message.small_cnn``: the sam
 ReLU cut activations at 1/28 of ResNet18's multiply-adds, for the whole grid on a shared CPU).
 ``--rule`` picks the learning-rate rule: ``default`` (``lr`` 0.1 at batch 64, scaled linearly
 with the batch size, ``warmup-steps`` ramp) or ``paper`` (``lr-scaling="none"``,
-``warmup-steps=0``: lr 0.1 whatever the batch). Columns: the training loss of the first step (the loss at
-initialisation), each round's mean training loss and test accuracy, and whether every round's
-loss stayed below the initial loss and the accuracy rose.
+``warmup-steps=0``: lr 0.1 whatever the batch). Columns: the training loss of the first step
+(the loss at initialisation), each round's mean training loss and test accuracy, and whether
+every round's loss stayed below the initial loss and the accuracy rose.
 """
 
 from __future__ import annotations
