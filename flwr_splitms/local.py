@@ -28,7 +28,7 @@ from flwr_splitms.core.accounting import RoundAccumulator, StepProgress, log_rou
 from flwr_splitms.core.aggregation import fedavg
 from flwr_splitms.core.client_half import SplitClientCore
 from flwr_splitms.core.link import link_for
-from flwr_splitms.core.schedule import first_block, lr_at_round, plan_blocks
+from flwr_splitms.core.schedule import first_block, lr_at_round, plan_blocks, scaled_lr
 from flwr_splitms.core.server_half import ClientUpload, SplitServerCore, evaluate_split
 from flwr_splitms.core.settings import StepSettings
 from flwr_splitms.data import BatchSource
@@ -48,7 +48,9 @@ class LocalResult:
     config: SplitConfig = field(repr=False)
 
 
-def round_settings(config: SplitConfig, server_round: int, lr: float) -> StepSettings:
+def round_settings(
+    config: SplitConfig, server_round: int, lr: float, step_offset: int = 0
+) -> StepSettings:
     """The settings a round of ``config`` runs with (what the strategy sends its clients)."""
     return StepSettings(
         server_round=server_round,
@@ -63,6 +65,8 @@ def round_settings(config: SplitConfig, server_round: int, lr: float) -> StepSet
         grad_codec_name=config.grad_codec,
         grad_codec_params=config.grad_codec_params,
         error_every=config.error_every,
+        warmup_steps=config.warmup_steps,
+        step_offset=step_offset,
     )
 
 
@@ -150,8 +154,9 @@ def run_local(
             if count < num_clients
             else list(range(num_clients))
         )
+        offset = sum(int(r["steps"]) for r in rows)
         global_weights, row = _round(
-            config, server, cores, cursors, active, server_round, global_weights
+            config, server, cores, cursors, active, server_round, global_weights, offset
         )
         if test_set is not None:
             client_net.load_state_dict(global_weights)
@@ -218,11 +223,13 @@ def _round(
     active: list[int],
     server_round: int,
     global_weights: dict[str, torch.Tensor],
+    step_offset: int,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """One round on the sampled clients, in the order of operations of the Flower path."""
-    lr = lr_at_round(config.lr, config.lr_schedule, server_round, config.num_server_rounds)
+    base = scaled_lr(config.lr, config.batch_size, config.lr_scaling)
+    lr = lr_at_round(base, config.lr_schedule, server_round, config.num_server_rounds)
     server.set_lr(lr)
-    settings = round_settings(config, server_round, lr)
+    settings = round_settings(config, server_round, lr, step_offset)
     link = link_for(settings)
     acc = RoundAccumulator(server_round, lr, num_clients=len(active))
     round_states = {c: cores[c].start_round(global_weights, cursors[c]) for c in active}

@@ -60,6 +60,8 @@ AUGMENT = "augment"
 CODEC = "codec"  # JSON: {"name": ..., "params": {...}}
 GRAD_CODEC = "grad-codec"  # JSON, as CODEC
 ERROR_EVERY = "error-every"
+WARMUP_STEPS = "warmup-steps"
+STEP_OFFSET = "step-offset"  # steps of the run before this round (where the lr warmup stands)
 MAX_EXAMPLES = "max-examples"  # federated evaluation: test examples per client (0 = all)
 CURSORS = "cursors"  # split_begin: the server's record of data cursors, [id, epoch, pos, updates]*
 PROTOCOL_KEYS = (
@@ -75,6 +77,8 @@ PROTOCOL_KEYS = (
     CODEC,
     GRAD_CODEC,
     ERROR_EVERY,
+    WARMUP_STEPS,
+    STEP_OFFSET,
     MAX_EXAMPLES,
     CURSORS,
 )
@@ -125,6 +129,8 @@ def settings_to_config(settings: StepSettings) -> ConfigRecord:
             CODEC: codec_spec(settings.codec_name, settings.codec_params),
             GRAD_CODEC: codec_spec(settings.grad_codec_name, settings.grad_codec_params),
             ERROR_EVERY: settings.error_every,
+            WARMUP_STEPS: settings.warmup_steps,
+            STEP_OFFSET: settings.step_offset,
         }
     )
 
@@ -146,6 +152,8 @@ def settings_from_config(config: ConfigRecord) -> StepSettings:
         grad_codec_name=grad_name,
         grad_codec_params=grad_params,
         error_every=config_int(config, ERROR_EVERY),
+        warmup_steps=config_int(config, WARMUP_STEPS, 0),
+        step_offset=config_int(config, STEP_OFFSET, 0),
     )
 
 

@@ -43,7 +43,13 @@ from flwr_splitms.codecs import Codec, get_codec
 from flwr_splitms.config import SplitConfig
 from flwr_splitms.core.accounting import RoundAccumulator, StepProgress, log_round
 from flwr_splitms.core.link import link_for
-from flwr_splitms.core.schedule import LR_SCHEDULES, first_block, lr_at_round, plan_blocks
+from flwr_splitms.core.schedule import (
+    LR_SCHEDULES,
+    first_block,
+    lr_at_round,
+    plan_blocks,
+    scaled_lr,
+)
 from flwr_splitms.core.server_half import ClientUpload, SplitServerCore, evaluate_split
 from flwr_splitms.core.settings import StepSettings
 from flwr_splitms.data import BatchSource
@@ -123,6 +129,9 @@ class MSSplitStrategy(FedAvg):
         ``grad-codec-*``); ``"none"`` sends raw gradients, as the paper does.
     lr, momentum, weight_decay : SGD of both halves (``lr``, ``momentum``, ``weight-decay``).
     lr_schedule : ``"cosine"``, ``"step"`` or ``"constant"`` over ``num_rounds`` (``lr-schedule``).
+    lr_scaling : ``"linear"``: ``lr`` is the rate at a batch of 64 and scales with
+        ``batch_size``; ``"none"``: ``lr`` as given, the paper's setting (``lr-scaling``).
+    warmup_steps : the run's first steps ramp the rate up linearly (``warmup-steps``; 0 = off).
     batch_size : examples per client and step (``batch-size``).
     steps_per_round : steps per round; 0 = one local epoch of the smallest sampled partition.
     steps_per_message : K steps per round trip (``steps-per-message``); 1 = the exact algorithm;
@@ -157,6 +166,8 @@ class MSSplitStrategy(FedAvg):
         momentum: float = _DEFAULTS.momentum,
         weight_decay: float = _DEFAULTS.weight_decay,
         lr_schedule: str = _DEFAULTS.lr_schedule,
+        lr_scaling: str = _DEFAULTS.lr_scaling,
+        warmup_steps: int = _DEFAULTS.warmup_steps,
         batch_size: int = _DEFAULTS.batch_size,
         steps_per_round: int = _DEFAULTS.steps_per_round,
         steps_per_message: int = _DEFAULTS.steps_per_message,
@@ -183,11 +194,13 @@ class MSSplitStrategy(FedAvg):
         super().__init__(**fedavg_kwargs)
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose one of {LR_SCHEDULES}")
+        scaled_lr(lr, batch_size, lr_scaling)  # an unknown lr_scaling fails here
         for name, value, low in (
             ("batch_size", batch_size, 1),
             ("steps_per_round", steps_per_round, 0),
             ("steps_per_message", steps_per_message, 1),
             ("error_every", error_every, 1),
+            ("warmup_steps", warmup_steps, 0),
         ):
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
@@ -204,6 +217,7 @@ class MSSplitStrategy(FedAvg):
         )
         self.base_lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.lr_schedule = lr_schedule
+        self.lr_scaling, self.warmup_steps = lr_scaling, warmup_steps
         self.batch_size = batch_size
         self.steps_per_round = steps_per_round
         self.steps_per_message = steps_per_message
@@ -254,6 +268,8 @@ class MSSplitStrategy(FedAvg):
             "momentum": config.momentum,
             "weight_decay": config.weight_decay,
             "lr_schedule": config.lr_schedule,
+            "lr_scaling": config.lr_scaling,
+            "warmup_steps": config.warmup_steps,
             "batch_size": config.batch_size,
             "steps_per_round": config.steps_per_round,
             "steps_per_message": config.steps_per_message,
@@ -274,7 +290,9 @@ class MSSplitStrategy(FedAvg):
         settings.update(kwargs)
         return cls(server_model, **settings)
 
-    def settings(self, server_round: int, lr: float, *, train: bool = True) -> StepSettings:
+    def settings(
+        self, server_round: int, lr: float, *, train: bool = True, step_offset: int = 0
+    ) -> StepSettings:
         """The round settings sent to the clients (inference settings with ``train=False``)."""
         return StepSettings(
             server_round=server_round,
@@ -289,6 +307,8 @@ class MSSplitStrategy(FedAvg):
             grad_codec_name=self.grad_codec_name,
             grad_codec_params=self.grad_codec_params,
             error_every=self.error_every,
+            warmup_steps=self.warmup_steps if train else 0,
+            step_offset=step_offset,
         )
 
     @property
@@ -459,9 +479,11 @@ class MSSplitStrategy(FedAvg):
         train_config: ConfigRecord | None = None,
     ) -> tuple[ArrayRecord | None, dict[str, float], MetricRecord | None]:
         """One round: begin, the per-block exchange, end and FedAvg. Failed nodes are dropped."""
-        lr = lr_at_round(self.base_lr, self.lr_schedule, server_round, num_rounds)
+        base = scaled_lr(self.base_lr, self.batch_size, self.lr_scaling)
+        lr = lr_at_round(base, self.lr_schedule, server_round, num_rounds)
         self.server.set_lr(lr)
-        settings = self.settings(server_round, lr)
+        offset = sum(int(row["steps"]) for row in self.rows)
+        settings = self.settings(server_round, lr, step_offset=offset)
         link = link_for(settings)
         acc = RoundAccumulator(server_round, lr)
         node_ids = self._sample(grid, self.fraction_train, self.min_train_nodes)

@@ -15,10 +15,12 @@ Run it next to a SuperNode started with ``--isolation process``::
     flwr-splitms-superexec --insecure --runtime-api-address 127.0.0.1:9094
 
 Flower (1.42) has no public hook for a custom executor: the SuperExec loop builds its executor
-with ``get_executor`` from its executor type, so this module replaces that one function of
-``flwr.supercore.superexec.run_superexec`` for its own process. Tasks it cannot fork (any task
-other than a ClientApp, a task that asks for runtime dependency installation, or any task once
-the template has died) are started the way Flower starts them, as a new process.
+with ``get_executor`` from its executor type, so this module replaces that one function of the
+loop's module for its own process (reached, like every other non-public Flower name here,
+through :mod:`flwr_splitms.flower_internals`, which refuses a Flower version CI does not
+test). Tasks it cannot fork (any task other than a ClientApp, a task that asks for runtime
+dependency installation, or any task once the template has died) are started the way Flower
+starts them, as a new process.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from flwr_splitms import flower_internals
+
 log = logging.getLogger("flwr")
 
 #: Modules the template imports by default: what a flwr-splitms ClientApp process needs.
@@ -46,13 +50,13 @@ DEFAULT_PRELOAD = (
     "torch",
     "torchvision",
     "numpy",
-    "flwr.supernode.cli.flwr_clientapp",
+    flower_internals.CLIENTAPP_MODULE,
     "flwr_splitms.client",
     "flwr_splitms.models",
     "flwr_splitms.data",
 )
 #: Task commands the template can run in a fork, by the name Flower's executor would exec.
-ENTRY_POINTS = {"flwr-clientapp": "flwr.supernode.cli.flwr_clientapp:flwr_clientapp"}
+ENTRY_POINTS = {"flwr-clientapp": flower_internals.CLIENTAPP_ENTRY_POINT}
 #: The SuperExec's task poll when the environment does not set one (Flower's default is 1 s).
 DEFAULT_TASK_POLL_INTERVAL = 0.05
 POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
@@ -295,9 +299,7 @@ class ForkingExecutor:
 
     def __init__(self, template: Template, fallback: Any = None) -> None:
         if fallback is None:
-            from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
-
-            fallback = SubprocessExecutor()
+            fallback = flower_internals.subprocess_executor()
         self.template = template
         self.fallback = fallback
         self.forked = 0
@@ -317,23 +319,18 @@ class ForkingExecutor:
         return result
 
     def wait_for_capacity(self, task_type: Any = None, **kwargs: Any) -> None:
-        """No capacity gate: forks start at once."""
+        """Wait as Flower's executor does (its subprocess executor returns at once); a task that
+        is forked needs no capacity of its own."""
         self.fallback.wait_for_capacity(task_type, **kwargs)
 
     def launch(self, spec: Any) -> Any:
         """Fork a ClientApp task from the template, or start it as a new process."""
-        from flwr.supercore.constant import (
-            TASK_TYPE_TO_APPIO_API_ADDRESS_ARG,
-            TASK_TYPE_TO_COMMAND,
-        )
-        from flwr.supercore.superexec.executor.types import LaunchResult
-
-        command = TASK_TYPE_TO_COMMAND[spec.task_type]
+        command, address_option = flower_internals.task_command(spec.task_type)
         if command not in self.template.entry_points or spec.runtime_dependency_install:
             return self.fallback.launch(spec)
         argv = [
             command,
-            TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type],
+            address_option,
             spec.runtime_api_address,
             "--token",
             spec.token,
@@ -355,7 +352,7 @@ class ForkingExecutor:
             return self.fallback.launch(spec)
         self.forked += 1
         log.debug("Forked %s for task %s as PID %d", command, spec.task_id, pid)
-        return LaunchResult.accepted()
+        return flower_internals.launch_accepted()
 
     def reconcile(self) -> None:
         """Nothing to maintain between polls."""
@@ -426,15 +423,10 @@ def flower_superexec_loop() -> Any:
             "(it runs on Linux); use Flower's `flower-superexec`"
         )
     try:
-        from flwr.supercore.superexec import run_superexec as loop
-    except ImportError as err:
-        raise SystemExit(f"flwr-splitms-superexec needs flwr>=1.42 (its SuperExec): {err}") from err
-    if not callable(getattr(loop, "get_executor", None)):
-        raise SystemExit(
-            "flwr-splitms-superexec: this Flower's SuperExec has no `get_executor` to replace; "
-            "use Flower's `flower-superexec` (flwr 1.42 is the version this was written for)"
-        )
-    return loop
+        flower_internals.clientapp_entry_point()
+        return flower_internals.superexec_loop()
+    except flower_internals.UnsupportedFlowerError as err:
+        raise SystemExit(f"flwr-splitms-superexec: {err}") from err
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -464,9 +456,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     loop.get_executor = lambda *_args, **_kwargs: executor
     secret = None
     if args.superexec_auth_secret_file is not None:
-        from flwr.supercore.auth import load_superexec_auth_secret
-
-        secret = load_superexec_auth_secret(secret_file=args.superexec_auth_secret_file)
+        secret = flower_internals.load_superexec_auth_secret(args.superexec_auth_secret_file)
     try:
         loop.run_superexec(
             runtime_api_address=args.runtime_api_address,

@@ -14,8 +14,9 @@ SuperNode with two changes, both to fixed costs that Flower 1.42 pays per messag
   ``--flower-superexec`` keeps Flower's.
 
 Flower has no option for either, so this module replaces two names (``time`` and ``subprocess``)
-in the globals of ``flwr.supernode.start_client_internal`` for its own process; everything else
-is Flower's code, unchanged.
+in the globals of Flower's SuperNode loop module for its own process (reached through
+:mod:`flwr_splitms.flower_internals`, which refuses a Flower version CI does not test);
+everything else is Flower's code, unchanged.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import time
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
+
+from flwr_splitms import flower_internals
 
 DEFAULT_POLL = 0.2
 
@@ -114,22 +117,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``flwr-splitms-supernode``."""
     args, rest = _parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        from flwr.supernode import start_client_internal as node
-        from flwr.supernode.cli.flower_supernode import flower_supernode
-    except ImportError as err:
-        raise SystemExit(
-            f"flwr-splitms-supernode needs Flower's SuperNode (flwr>=1.41): {err}"
-        ) from err
-    for name in ("time", "subprocess"):
-        if not isinstance(getattr(node, name, None), ModuleType):
-            raise SystemExit(
-                f"flwr-splitms-supernode: this Flower's SuperNode has no `{name}` to tune; "
-                "use `flower-supernode` (flwr 1.41/1.42 are the versions this was written for)"
-            )
+        node: Any = flower_internals.supernode_loop()  # its globals are replaced below
+        flower_supernode = flower_internals.flower_supernode()
+    except flower_internals.UnsupportedFlowerError as err:
+        raise SystemExit(f"flwr-splitms-supernode: {err}") from err
     if not args.flower_superexec:
         _check_warm_superexec()
-        node.subprocess = _Override(subprocess, Popen=warm_superexec_popen)  # type: ignore[assignment]
-    node.time = _Override(time, sleep=bounded_sleep(args.poll))  # type: ignore[assignment]
+        node.subprocess = _Override(subprocess, Popen=warm_superexec_popen)
+    node.time = _Override(time, sleep=bounded_sleep(args.poll))
     sys.argv = ["flower-supernode", *rest]
     flower_supernode()
 

@@ -15,7 +15,9 @@ from flwr_splitms.codecs import (
     compression_error,
     decode_bytes,
     get_codec,
+    registry,
 )
+from flwr_splitms.codecs.halfprec import Float16
 
 DEFAULTS = {
     "none": {},
@@ -184,6 +186,53 @@ def test_decode_checks_codec_and_params() -> None:
     with pytest.raises(TypeError):
         get_codec("sp").decode(payload.to_bytes())  # type: ignore[arg-type]
     assert isinstance(payload, Payload)
+
+
+class _Unmeasured(Float16):
+    """fp16 whose encoder leaves the error to ``encode_measured`` (unregistered)."""
+
+    def _encode(
+        self,
+        flat: torch.Tensor,
+        shape: tuple[int, ...],
+        *,
+        generator: torch.Generator | None,
+        train: bool,
+        measure: bool,
+    ) -> tuple[Payload, float | None]:
+        payload, _ = super()._encode(flat, shape, generator=generator, train=train, measure=measure)
+        return payload, None
+
+
+def test_encode_hook_may_leave_the_error_to_a_decode() -> None:
+    x = torch.randn(6, 7, generator=torch.Generator().manual_seed(1))
+    codec = _Unmeasured()
+    payload, err = codec.encode_measured(x)
+    assert payload == get_codec("fp16").encode(x)
+    assert err == compression_error(x, codec.decode(payload)) > 0
+    assert err == pytest.approx(get_codec("fp16").encode_measured(x)[1], rel=1e-6)
+
+
+def test_support_is_the_codecs_own() -> None:
+    """``ms`` reads its support from the codes; the default is the nonzero decoded entries."""
+    x = torch.tensor([[0.0, 0.05, 0.5, 1.0], [0.9, 0.0, 0.2, 0.1]])
+    ms = get_codec("ms", ratio=0.75, bits=2)  # keeps 1.0 and 0.9; codes 0 0 2 K / K 0 1 0
+    assert ms.support(ms.encode(x)).tolist() == [
+        [False, False, True, True],
+        [True, False, True, False],
+    ]
+    sp = get_codec("sp", ratio=0.75)
+    assert torch.equal(sp.support(sp.encode(x)), sp.decode(sp.encode(x)) != 0)
+    with pytest.raises(PayloadError, match="encoded by codec 'sp', not 'ms'"):
+        ms.support(sp.encode(x))
+
+
+def test_get_codec_refuses_a_registered_class_that_is_no_codec(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(registry._BY_NAME, "fake", type("Fake", (), {}))
+    with pytest.raises(TypeError, match="'fake' is registered, but Fake is no Codec"):
+        get_codec("fake")
 
 
 def test_compression_error() -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from flwr_splitms.config.__main__ import main
+from flwr_splitms.config import SplitConfig
+from flwr_splitms.config.__main__ import TRAIN_CLASS_COUNTS, main, partition_sizes
 from flwr_splitms.config.overrides import parse_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,3 +68,81 @@ def test_parse_pairs_matches_flower() -> None:
     values, problems = parse_pairs([text])
     assert problems == [] and values == parse_config_args([text])
     assert parse_pairs(["codec=ms"], bare_strings=True) == ({"codec": "ms"}, [])
+
+
+def test_a_device_missing_on_this_machine_is_a_problem(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from flwr_splitms import devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(devices, "_mps_available", lambda: False)
+    assert main(['device="cuda"']) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith('device="cuda": ') and "available: cpu" in line
+    assert "THIS machine" in line and "--no-device-check" in line
+    assert main(['device="cuda"', "--no-device-check"]) == 0  # checking for another machine
+    assert main(['device="auto"']) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert any(line.startswith('# device="auto" is cpu on this machine') for line in out)
+
+
+def test_batch_larger_than_the_smallest_partition_is_a_problem(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    synthetic = ['dataset="synthetic"', "synthetic-size=64"]
+    assert main([*synthetic, "batch-size=40"]) == 1  # 2 nodes (min-nodes): 32 examples each
+    assert capsys.readouterr().err.splitlines() == [
+        "batch-size=40: larger than the training data of client partition 0 (32 examples of "
+        "2 partitions); closest valid: batch-size=32 (or use fewer clients)"
+    ]
+    assert main([*synthetic, "batch-size=20", "--nodes", "4"]) == 1  # 16 each
+    assert "closest valid: batch-size=16" in capsys.readouterr().err
+    assert main([*synthetic, "batch-size=16", "--nodes", "4"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert (
+        "# batch-size 16 fits every client: the smallest of 4 iid partitions of synthetic "
+        "holds 16 training examples"
+    ) in out
+    assert main(["batch-size=64", "--nodes", "1000"]) == 1  # CIFAR-100: 50 per partition
+    assert "batch-size=64: larger than" in capsys.readouterr().err
+    assert main([*synthetic, "--nodes", "65"]) == 1
+    assert "--nodes 65: num_partitions=65 exceeds the 64 samples" in capsys.readouterr().err
+
+
+def test_nodes_below_min_nodes_say_how_the_run_stops(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--nodes", "1"]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("--nodes 1: fewer than min-nodes=2; the run waits node-wait=60s")
+    assert '"num-supernodes=2"' in line and "min-nodes=1" in line
+    assert main(["--nodes", "1", "min-nodes=1"]) == 0
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+def test_partition_sizes_are_the_runs(tiny_config: SplitConfig, scheme: str) -> None:
+    """The sizes computed from class counts alone equal those of the partitions the run cuts."""
+    from flwr_splitms import experiment
+
+    config = tiny_config.replace(partition=scheme, dirichlet_alpha=0.3, synthetic_size=97)
+    for nodes in (1, 3, 7):
+        assert partition_sizes(config, nodes) == experiment.partition_sizes(config, nodes)
+
+
+def test_known_training_splits() -> None:
+    assert sum(TRAIN_CLASS_COUNTS["cifar10"]) == sum(TRAIN_CLASS_COUNTS["cifar100"]) == 50_000
+    assert sum(TRAIN_CLASS_COUNTS["mnist"]) == sum(TRAIN_CLASS_COUNTS["fashion-mnist"]) == 60_000
+    assert partition_sizes(SplitConfig(dataset="imagenet"), 2) is None  # sized once loaded
+
+
+def test_last_line_says_what_was_not_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(['dataset="synthetic"']) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("# not checked: the devices and memory of the SuperLink's")
+    assert "assumed: min-nodes=2; give --nodes N" in last
+    assert main(['dataset="imagenet"', "data-download=false", "--nodes", "3"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert "that imagenet is in data-root ~/.cache/flwr-splitms/data;" in last
+    assert "batch-size against the partitions of imagenet" in last
+    assert last.endswith("how many SuperNodes connect")

@@ -68,9 +68,43 @@ def test_missing_dataset_is_one_line(config: SplitConfig, caplog: pytest.LogCapt
     assert len(errors) == 1 and 'dataset="synthetic"' in errors[0].getMessage()
 
 
-def test_too_few_nodes_stop_after_node_wait(config: SplitConfig) -> None:
-    with pytest.raises(NotEnoughNodesError, match="num-supernodes"):
+def test_too_few_nodes_stop_after_node_wait(
+    config: SplitConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="flwr"), pytest.raises(NotEnoughNodesError) as err:
         _run(config, nodes=1)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"The run stops: {err.value}"]  # one line, logged before the traceback
+    assert "1 node(s) connected after waiting 0.5s, the run needs 2 (min-nodes)" in errors[0]
+    assert 'num-supernodes=N", or lower min-nodes' in errors[0]  # the fix
+
+
+def test_a_problem_after_the_checks_is_logged_before_it_raises(
+    config: SplitConfig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stop inside training (here: the test set is missing) logs its line too, once."""
+    from flwr_splitms.data import DatasetUnavailableError
+
+    def missing(_: SplitConfig) -> None:
+        raise DatasetUnavailableError("cifar10 is not in /x; set data-download=true")
+
+    monkeypatch.setattr(server_app, "evaluation_data", missing)
+    with caplog.at_level(logging.ERROR, logger="flwr"), pytest.raises(DatasetUnavailableError):
+        _run(config)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == ["The run stops: cifar10 is not in /x; set data-download=true"]
+
+
+def test_a_bug_is_not_dressed_as_a_known_problem(
+    config: SplitConfig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(_: SplitConfig) -> None:
+        raise KeyError("oops")
+
+    monkeypatch.setattr(server_app, "evaluation_data", broken)
+    with caplog.at_level(logging.ERROR, logger="flwr"), pytest.raises(KeyError):
+        _run(config)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # Flower's traceback
 
 
 def test_runs_get_their_own_folders_and_resume_continues_the_latest(config: SplitConfig) -> None:

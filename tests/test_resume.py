@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -117,3 +118,23 @@ def test_config_differences_name_the_keys() -> None:
     saved = {"lr": 0.1, "codec": "ms", "resume": False, "num-server-rounds": 4}
     current = {"lr": 0.2, "codec": "ms", "resume": True, "num-server-rounds": 10}
     assert config_differences(saved, current) == ["lr: 0.1 -> 0.2"]
+
+
+def test_a_checkpoint_holds_each_tensor_once_and_says_its_size(
+    config: SplitConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        run_local(config.replace(num_server_rounds=2), 2, evaluate=False, checkpoint_dir=tmp_path)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Checkpoint:")]
+    assert len(said) == 1  # at the first save only
+    path = checkpoint_path(tmp_path, 2)
+    assert sorted(tmp_path.iterdir()) == [path]  # keep-checkpoints defaults to 1
+    state = load_run_state(path)
+    momentum = [t for s in state.server_optimizer["state"].values() for t in s.values()]
+    tensors = [*state.client_weights.values(), *state.server_weights.values(), *momentum]
+    assert {t.dtype for t in tensors} <= {torch.float32, torch.int64}  # no float64 copies
+    payload = sum(t.numel() * t.element_size() for t in tensors)
+    size = path.stat().st_size
+    assert payload <= size < 1.01 * payload + 100_000  # every tensor stored once
+    assert said[0].startswith(f"Checkpoint: {size / 1e6:.1f} MB per round (server weights")
+    assert "keeping the newest 1 (keep-checkpoints)" in said[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -18,7 +19,8 @@ import pytest
 from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
 
-from flwr_splitms import superexec
+from flwr_splitms import flower_internals, superexec
+from flwr_splitms.flower_internals import FLOWER_FIX
 from flwr_splitms.superexec import ForkingExecutor, Template, TemplateError
 
 PROBE = '''
@@ -268,3 +270,20 @@ def test_a_platform_without_fork_is_told_to_use_flowers_superexec(
     monkeypatch.delattr(os, "fork")
     with pytest.raises(SystemExit, match=r"no os\.fork.*flower-superexec"):
         superexec.flower_superexec_loop()
+
+
+def test_an_untested_flower_is_refused_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(flower_internals, "_checked_version", None)
+    monkeypatch.setattr(flower_internals, "installed_flower_version", lambda: "1.43.0")
+    with pytest.raises(SystemExit) as stop:
+        superexec.main(["--insecure", "--preload", "json"])
+    message = str(stop.value.code)
+    assert message.startswith("flwr-splitms-superexec:") and "flwr 1.43.0 is installed" in message
+    assert FLOWER_FIX in message and "`flower-superexec`" in message
+
+
+def test_the_default_template_runs_flowers_clientapp_command() -> None:
+    module, _, name = superexec.ENTRY_POINTS["flwr-clientapp"].partition(":")
+    assert module in superexec.DEFAULT_PRELOAD
+    assert callable(getattr(importlib.import_module(module), name))
+    assert superexec.ENTRY_POINTS["flwr-clientapp"] == flower_internals.clientapp_entry_point()

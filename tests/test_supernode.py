@@ -9,10 +9,11 @@ import time
 from typing import Any
 
 import pytest
-from flwr.supernode import start_client_internal as node
 
-from flwr_splitms import supernode
+from flwr_splitms import flower_internals, supernode
+from flwr_splitms.flower_internals import FLOWER_FIX
 
+node = flower_internals.supernode_loop()
 # the module, not the function that flwr.supernode.cli exports under the same name
 flower_cli = importlib.import_module("flwr.supernode.cli.flower_supernode")
 
@@ -95,9 +96,23 @@ def test_a_superexec_that_could_not_run_is_refused_before_the_node_starts(
     with pytest.raises(SystemExit, match=r"no_such_module_here not installed.*--flower-superexec"):
         supernode.main(["--insecure"])
 
-    def too_old() -> None:
-        raise SystemExit("flwr-splitms-superexec needs flwr>=1.42 (its SuperExec)")
+    def untested() -> None:
+        raise SystemExit("flwr-splitms-superexec: flwr 1.43.0 is installed")
 
-    monkeypatch.setattr(superexec, "flower_superexec_loop", too_old)
-    with pytest.raises(SystemExit, match=r"needs flwr>=1\.42.*with --flower-superexec"):
+    monkeypatch.setattr(superexec, "flower_superexec_loop", untested)
+    with pytest.raises(SystemExit, match=r"1\.43\.0 is installed.*with --flower-superexec"):
         supernode.main(["--insecure"])
+
+
+def test_an_untested_flower_is_refused_before_anything_is_replaced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(flower_internals, "_checked_version", None)
+    monkeypatch.setattr(flower_internals, "installed_flower_version", lambda: "1.43.0")
+    time_before, subprocess_before = node.time, node.subprocess
+    with pytest.raises(SystemExit) as stop:
+        supernode.main(["--insecure"])
+    message = str(stop.value.code)
+    assert message.startswith("flwr-splitms-supernode:") and "flwr 1.43.0 is installed" in message
+    assert FLOWER_FIX in message and "`flower-supernode`" in message
+    assert node.time is time_before and node.subprocess is subprocess_before

@@ -19,14 +19,18 @@ Codecs (``get_codec(name, **params)``):
 * ``rt``   -- randomized Top-k of Zheng et al. (``randtopk``)
 * ``ms``   -- Mask-Encoded Sparsification, the paper's method (``ms``)
 
-The wire format and its header overhead are documented in ``payload``.
+The wire format and its header overhead are documented in ``payload``. Layering, bottom up:
+``params``, ``dtypes``, ``error``, ``selection``; ``registry`` (names and wire ids); ``payload``
+(the dataclass, limits, errors, the bytes layout); ``bitpack``, ``positions``, ``entropy``;
+``base`` (``Codec``); ``dispatch`` (name or bytes to the right codec); the codecs; ``downlink``.
 """
 
 from . import halfprec, identity, ms, quantize, randtopk, topk  # noqa: F401  (register the codecs)
 from .base import Codec
+from .dispatch import decode_bytes, get_codec
 from .error import compression_error
-from .payload import Payload, PayloadError, decode_bytes
-from .registry import codec_names, get_codec
+from .payload import Payload, PayloadError
+from .registry import codec_names
 
 __all__ = [
     "Codec",

@@ -3,9 +3,12 @@
 ``Codec.encode`` validates the input once (a finite float32/float16/bfloat16 tensor of any
 shape, on any device) and hands a flat view, on the tensor's own device, to the codec's
 ``_encode``; ``Codec.decode`` checks that the payload belongs to this codec and that its
-section lengths are exactly what the codec requires, before the codec's ``_decode_to`` (or
-``_decode``) touches the data on the requested device. ``Codec.encode_measured`` also returns
-the compression error, which codecs compute from what their encoder already has.
+section lengths are exactly what the codec requires, then undoes the entropy stage, before the
+codec's ``_decode`` touches the data on the requested device. ``Codec.encode_measured`` also
+returns the compression error, which codecs compute from what their encoder already has.
+
+A codec author writes two hooks: ``_encode`` (the payload and, when asked, the error) and
+``_decode`` (the flat tensor on a given device), plus ``expected_section_nbytes``.
 """
 
 from __future__ import annotations
@@ -24,14 +27,16 @@ from .error import compression_error
 from .params import Param
 from .payload import MAX_NDIM, MAX_NUMEL, Payload, PayloadError, shape_within_limits
 
-__all__ = ["Codec", "SinglePassCodec", "check_finite", "require_finite"]
+__all__ = ["Codec", "check_finite", "require_finite"]
 
 
 class Codec(ABC):
     """A lossy (or lossless) tensor compressor with a real, byte-exact wire form.
 
     Subclasses set ``name``, ``codec_id``, ``param_specs`` and ``section_names`` and implement
-    ``expected_section_nbytes``, ``_encode`` and ``_decode``.
+    ``expected_section_nbytes``, ``_encode`` and ``_decode``; ``@register`` (``registry``) makes
+    them known to ``get_codec`` and to the wire format. A codec whose payload tells cheaply where
+    it sends something overrides ``support``.
     """
 
     name: ClassVar[str]
@@ -40,8 +45,8 @@ class Codec(ABC):
     section_names: ClassVar[tuple[str, ...]]
     flag_mask: ClassVar[int] = 0
     param_struct: ClassVar[struct.Struct]
-    # True when ``_encode`` checks finiteness itself (from a min/max it needs anyway, with
-    # ``require_finite``), so that ``encode`` does not scan the tensor a second time.
+    # True when the codec's ``_encode`` checks finiteness itself (from a min/max it needs
+    # anyway, with ``require_finite``), so that ``encode`` does not scan the tensor twice.
     checks_finite: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -91,7 +96,9 @@ class Codec(ABC):
         torch's global RNG. ``train=False`` makes ``rt`` plain Top-k. Other codecs ignore both.
         """
         flat = self._flat_input(x)
-        return self._encode(flat, tuple(x.shape), generator=generator, train=train)
+        shape = tuple(x.shape)
+        payload, _ = self._encode(flat, shape, generator=generator, train=train, measure=False)
+        return payload
 
     def encode_measured(
         self,
@@ -107,7 +114,11 @@ class Codec(ABC):
         full decode. Use it to log the error of every transmitted activation cheaply.
         """
         flat = self._flat_input(x)
-        return self._encode_measured(flat, tuple(x.shape), generator=generator, train=train)
+        shape = tuple(x.shape)
+        payload, error = self._encode(flat, shape, generator=generator, train=train, measure=True)
+        if error is None:  # the codec did not measure: decode on the input's device
+            error = compression_error(flat.view(shape), self.decode(payload, device=flat.device))
+        return payload, error
 
     def decode(self, payload: Payload, *, device: torch.device | str | None = None) -> torch.Tensor:
         """Reconstruct the tensor: same shape and dtype as the encoded one.
@@ -115,6 +126,25 @@ class Codec(ABC):
         The result is on ``device`` (default: the CPU); the decoding work runs there too.
         """
         dev = resolve_device(device)
+        flat = self._decode(self._checked(payload), dev)
+        return flat.to(payload.dtype).reshape(payload.shape)
+
+    def support(self, payload: Payload) -> torch.Tensor:
+        """Bool mask, the payload's shape, on the CPU: the positions where it sends something.
+
+        Computed from the payload's bytes alone, so the encoder (on the payload it wrote) and
+        the decoder (on the payload it received) get the same mask bit for bit. This default
+        takes the nonzero entries of the payload decoded on the CPU; codecs that can read it
+        from their codes override it. PayloadError for an inconsistent payload.
+        """
+        return self.decode(payload) != 0
+
+    def _checked(self, payload: Payload) -> Payload:
+        """``payload`` with its sections as the codec wrote them, once its layout is checked.
+
+        TypeError or PayloadError unless it is a payload of this codec with the section lengths
+        the codec requires; the entropy stage is undone only after that check.
+        """
         if not isinstance(payload, Payload):
             raise TypeError(f"decode takes a Payload, not {type(payload).__name__}")
         if payload.codec != self.name:
@@ -124,11 +154,8 @@ class Codec(ABC):
                 f"payload parameters {payload.params} differ from this codec's {self._params}; "
                 "decode it with decode_bytes or get_codec(payload.codec, **payload.params)"
             )
-        # entropy stage: check the lengths its frames declare, inflate only after that
-        lengths = entropy.declared_lengths(payload.params, payload.sections)
-        self.check_layout(payload.shape, payload.dtype, payload.flags, lengths)
-        flat = self._decode_to(entropy.decode_payload(payload), dev)
-        return flat.to(payload.dtype).reshape(payload.shape)
+        self.check_sections(payload.shape, payload.dtype, payload.flags, payload.sections)
+        return entropy.decode_payload(payload)
 
     def _flat_input(self, x: torch.Tensor) -> torch.Tensor:
         """Validate an input tensor; a flat view of it (a copy only if not contiguous)."""
@@ -152,6 +179,17 @@ class Codec(ABC):
             lo, hi = torch.aminmax(flat)
             require_finite(self.name, lo, hi)
         return flat
+
+    def check_sections(
+        self,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        flags: int,
+        sections: Sequence[bytes | memoryview],
+    ) -> None:
+        """``check_layout`` of sections as they travel: entropy-coded ones by the decoded
+        lengths their frame headers declare (read without inflating anything)."""
+        self.check_layout(shape, dtype, flags, entropy.declared_lengths(self._params, sections))
 
     def check_layout(
         self,
@@ -191,35 +229,23 @@ class Codec(ABC):
         *,
         generator: torch.Generator | None,
         train: bool,
-    ) -> Payload:
-        """Encode a flat, finite tensor in its own dtype, on its own device.
+        measure: bool,
+    ) -> tuple[Payload, float | None]:
+        """Encode a flat tensor in its own dtype, on its own device: the payload, and with
+        ``measure`` the relative error the decoder will see (``||x - x_hat|| / ||x||``).
 
-        Finite unless the codec sets ``checks_finite`` (then it calls ``require_finite``).
+        The input is finite unless the codec sets ``checks_finite`` (then it calls
+        ``require_finite``). With ``measure``, an error of None lets ``encode_measured`` decode
+        the payload and measure it; without ``measure`` the error is ignored (None does).
         """
-
-    def _encode_measured(
-        self,
-        flat: torch.Tensor,
-        shape: tuple[int, ...],
-        *,
-        generator: torch.Generator | None,
-        train: bool,
-    ) -> tuple[Payload, float]:
-        """``_encode`` and the compression error; codecs override this with a cheaper way.
-
-        This default decodes the payload again on the input's device.
-        """
-        payload = self._encode(flat, shape, generator=generator, train=train)
-        x_hat = self.decode(payload, device=flat.device)
-        return payload, compression_error(flat.reshape(shape), x_hat)
 
     @abstractmethod
-    def _decode(self, payload: Payload) -> torch.Tensor:
-        """Decode a payload whose layout has been checked into a flat CPU tensor of ``numel``."""
+    def _decode(self, payload: Payload, device: torch.device) -> torch.Tensor:
+        """Decode a payload whose layout has been checked and whose sections are as the codec
+        wrote them (entropy stage undone) into a flat tensor of ``numel`` values on ``device``.
 
-    def _decode_to(self, payload: Payload, device: torch.device) -> torch.Tensor:
-        """``_decode`` with the result on ``device``; codecs that decode there override it."""
-        return self._decode(payload).to(device)
+        Any float dtype; ``decode`` casts it to the payload's dtype and shape.
+        """
 
     def _payload(
         self,
@@ -262,42 +288,3 @@ def check_finite(t: torch.Tensor, what: str) -> None:
     """PayloadError if a decoded tensor holds NaN or Inf (encoders never write them)."""
     if t.numel() and not _all_finite(t):
         raise PayloadError(f"{what} contain NaN or Inf")
-
-
-class SinglePassCodec(Codec):
-    """A codec whose encoder can measure its own error in the same pass (no second decode).
-
-    Subclasses implement :meth:`_encode_pass`; ``_encode`` and ``_encode_measured`` call it.
-    """
-
-    @abstractmethod
-    def _encode_pass(
-        self,
-        flat: torch.Tensor,
-        shape: tuple[int, ...],
-        *,
-        generator: torch.Generator | None,
-        train: bool,
-        measure: bool,
-    ) -> tuple[Payload, float]:
-        """The payload and, with ``measure``, the relative error the decoder will see."""
-
-    def _encode(
-        self,
-        flat: torch.Tensor,
-        shape: tuple[int, ...],
-        *,
-        generator: torch.Generator | None,
-        train: bool,
-    ) -> Payload:
-        return self._encode_pass(flat, shape, generator=generator, train=train, measure=False)[0]
-
-    def _encode_measured(
-        self,
-        flat: torch.Tensor,
-        shape: tuple[int, ...],
-        *,
-        generator: torch.Generator | None,
-        train: bool,
-    ) -> tuple[Payload, float]:
-        return self._encode_pass(flat, shape, generator=generator, train=train, measure=True)

@@ -47,10 +47,11 @@ blob is the payload of the 1-d vector of support values, encoded by ``none``, ``
 ``bf16`` (param ``values``); decoding checks the codec, its parameters and that the vector has
 exactly as many values as the receiver's support has positions.
 
-Support for other uplink codecs: :func:`support_of` decodes the payload on the CPU and takes
-the nonzero positions (``sp``/``rt``: the kept positions holding nonzero values; ``qu``: codes
-that decode to nonzero; ``none``: the nonzero activations, which makes ``mask`` exact on a ReLU
-cut). Both ends run the same decoder on the same bytes, so they agree.
+Support for other uplink codecs: :func:`support_of` asks the payload's codec
+(``Codec.support``), whose default decodes the payload on the CPU and takes the nonzero
+positions (``sp``/``rt``: the kept positions holding nonzero values; ``qu``: codes that decode
+to nonzero; ``none``: the nonzero activations, which makes ``mask`` exact on a ReLU cut). Both
+ends run the same decoder on the same bytes, so they agree.
 """
 
 from __future__ import annotations
@@ -61,12 +62,11 @@ from typing import ClassVar
 
 import torch
 
-from . import bitpack, entropy
 from .base import Codec
-from .ms import SIGN_FLAG
+from .dispatch import codec_of, get_codec
 from .params import Choice, Param
 from .payload import Payload, PayloadError
-from .registry import codec_names, get_codec
+from .registry import codec_names
 
 __all__ = [
     "GradCodec",
@@ -282,22 +282,13 @@ def get_grad_codec(name: str, **params: object) -> GradCodec:
 def support_of(payload: Payload) -> torch.Tensor:
     """Bool mask, shape of the activations: where the uplink payload sent something.
 
-    ``ms``: positions whose magnitude code (sign bit ignored) is not 0, i.e. the kept values
-    and the nonzero quantized codes; read from the codes, so it is exact integer work and
-    the client (on the payload it encoded) and the server (on the payload it received) get
-    the same mask bit for bit. Other codecs: the nonzero entries of the payload decoded on
-    the CPU. Raises PayloadError for an inconsistent payload.
+    The payload's codec says (``Codec.support``). ``ms``: positions whose magnitude code (sign
+    bit ignored) is not 0, i.e. the kept values and the nonzero quantized codes; read from the
+    codes, so it is exact integer work and the client (on the payload it encoded) and the
+    server (on the payload it received) get the same mask bit for bit. Other codecs: the
+    nonzero entries of the payload decoded on the CPU. Raises PayloadError for an inconsistent
+    payload.
     """
     if not isinstance(payload, Payload):
         raise TypeError(f"support_of takes a Payload, not {type(payload).__name__}")
-    codec = get_codec(payload.codec, **payload.params)
-    if payload.codec != "ms":
-        return codec.decode(payload) != 0
-    lengths = entropy.declared_lengths(payload.params, payload.sections)
-    codec.check_layout(payload.shape, payload.dtype, payload.flags, lengths)
-    mask_section = entropy.decode_payload(payload).sections[0]
-    bits = int(payload.params["bits"])  # type: ignore[call-overload]
-    signed = payload.flags & SIGN_FLAG  # one more bit above the magnitude bits
-    codes = bitpack.unpack(mask_section, bits + signed, payload.numel, torch.device("cpu"))
-    magnitude = codes & ((1 << bits) - 1) if signed else codes
-    return (magnitude != 0).reshape(payload.shape)
+    return codec_of(payload).support(payload)

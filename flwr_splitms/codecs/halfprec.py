@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import SinglePassCodec, check_finite
+from .base import Codec, check_finite
 from .dtypes import tensor_from_bytes, tensor_to_bytes
 from .error import compression_error
 from .payload import Payload
@@ -31,7 +31,7 @@ from .registry import register
 __all__ = ["BFloat16", "Float16"]
 
 
-class _HalfPrecision(SinglePassCodec):
+class _HalfPrecision(Codec):
     """Values rounded to ``wire_dtype``; subclasses set the name, id and wire dtype."""
 
     wire_dtype: ClassVar[torch.dtype]
@@ -54,7 +54,7 @@ class _HalfPrecision(SinglePassCodec):
             )
         return half
 
-    def _encode_pass(
+    def _encode(
         self,
         flat: torch.Tensor,
         shape: tuple[int, ...],
@@ -62,15 +62,12 @@ class _HalfPrecision(SinglePassCodec):
         generator: torch.Generator | None,
         train: bool,
         measure: bool,
-    ) -> tuple[Payload, float]:
+    ) -> tuple[Payload, float | None]:
         half = self._round(flat)  # the decoded tensor is ``half`` in the input dtype
         payload = self._payload(shape, flat.dtype, [tensor_to_bytes(half)])
-        return payload, compression_error(flat, half.to(flat.dtype)) if measure else math.nan
+        return payload, compression_error(flat, half.to(flat.dtype)) if measure else None
 
-    def _decode(self, payload: Payload) -> torch.Tensor:
-        return self._decode_to(payload, torch.device("cpu"))
-
-    def _decode_to(self, payload: Payload, device: torch.device) -> torch.Tensor:
+    def _decode(self, payload: Payload, device: torch.device) -> torch.Tensor:
         values = tensor_from_bytes(payload.sections[0], self.wire_dtype, device)
         values = values.to(payload.dtype)  # bf16 values beyond float16's range become inf here
         check_finite(values, f"values (as {payload.dtype})")

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .base import SinglePassCodec, check_finite
+from .base import Codec, check_finite
 from .dtypes import itemsize, tensor_from_bytes, tensor_to_bytes
 from .payload import Payload
 from .registry import register
@@ -19,7 +19,7 @@ __all__ = ["Identity"]
 
 
 @register
-class Identity(SinglePassCodec):
+class Identity(Codec):
     """Raw values in the input dtype; no parameters."""
 
     name = "none"
@@ -31,7 +31,7 @@ class Identity(SinglePassCodec):
     ) -> tuple[int, ...]:
         return (math.prod(shape) * itemsize(dtype),)
 
-    def _encode_pass(
+    def _encode(
         self,
         flat: torch.Tensor,
         shape: tuple[int, ...],
@@ -39,13 +39,10 @@ class Identity(SinglePassCodec):
         generator: torch.Generator | None,
         train: bool,
         measure: bool,
-    ) -> tuple[Payload, float]:
+    ) -> tuple[Payload, float | None]:
         return self._payload(shape, flat.dtype, [tensor_to_bytes(flat)]), 0.0  # lossless
 
-    def _decode(self, payload: Payload) -> torch.Tensor:
-        return self._decode_to(payload, torch.device("cpu"))
-
-    def _decode_to(self, payload: Payload, device: torch.device) -> torch.Tensor:
+    def _decode(self, payload: Payload, device: torch.device) -> torch.Tensor:
         values = tensor_from_bytes(payload.sections[0], payload.dtype, device)
         check_finite(values, "values")
         return values

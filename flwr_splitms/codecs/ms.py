@@ -38,10 +38,10 @@ from typing import NamedTuple
 import torch
 
 from . import bitpack
-from .base import SinglePassCodec, check_finite, require_finite
+from .base import Codec, check_finite, require_finite
 from .dtypes import itemsize, tensor_from_bytes, tensor_to_bytes, to_host_bytes
 from .entropy import ENTROPY
-from .error import compression_error, relative_error
+from .error import relative_error
 from .params import Choice, IntRange
 from .payload import Payload, PayloadError
 from .registry import register
@@ -54,7 +54,7 @@ SIGN_FLAG = 0x01
 
 
 @register
-class MaskEncodedSparsification(SinglePassCodec):
+class MaskEncodedSparsification(Codec):
     """MS; params: ``ratio`` (0, 1) default 0.99, ``bits`` 1..8 default 2, ``rounding``
     ("nearest" | "floor"), ``signed`` ("auto" | True | False), ``scope`` ("tensor" | "sample"),
     ``entropy`` ("none" | "zstd": lossless stage on the sections, ``entropy.py``).
@@ -99,7 +99,7 @@ class MaskEncodedSparsification(SinglePassCodec):
         d = math.prod(shape)
         return bitpack.packed_nbytes(d, self._bits + signed), rows * kr * itemsize(dtype)
 
-    def _encode_pass(
+    def _encode(
         self,
         flat: torch.Tensor,
         shape: tuple[int, ...],
@@ -107,7 +107,7 @@ class MaskEncodedSparsification(SinglePassCodec):
         generator: torch.Generator | None,
         train: bool,
         measure: bool,
-    ) -> tuple[Payload, float]:
+    ) -> tuple[Payload, float | None]:
         """Alg. 1 on the tensor's device; with ``measure``, also the error the decoder sees.
 
         The error needs no decode: kept positions are exact, every other one decodes to
@@ -156,7 +156,7 @@ class MaskEncodedSparsification(SinglePassCodec):
         mask = b"".join(to_host_bytes(p) for p in packed)
         payload = self._payload(shape, flat.dtype, [mask, tensor_to_bytes(values)], s)
         if not measure:
-            return payload, 0.0
+            return payload, None
         sums = torch.stack([torch.stack(t) for t in sq]).cpu().double()  # MPS has no float64
         diff_sq, norm_sq = sums.sum(0).tolist()
         all_zero = lo == hi == 0.0
@@ -166,9 +166,7 @@ class MaskEncodedSparsification(SinglePassCodec):
             and (diff_sq == 0.0 or diff_sq >= 1e-20)
             and (norm_sq >= 1e-20 or (norm_sq == 0.0 and all_zero))
         ):
-            # float32 squares over- or underflowed: decode and measure in float64 (rare)
-            x_hat = self.decode(payload, device=flat.device)
-            return payload, compression_error(flat.view(shape), x_hat)
+            return payload, None  # float32 squares over- or underflowed: decode (rare)
         return payload, relative_error(diff_sq, norm_sq)
 
     def _quantize(self, block: _Block) -> torch.Tensor:
@@ -205,10 +203,17 @@ class MaskEncodedSparsification(SinglePassCodec):
         q.view(-1).index_fill_(0, block.kept, float((1 << b) - 1))  # clears their sign too
         return bitpack.pack_float_codes(q, b + s)
 
-    def _decode(self, payload: Payload) -> torch.Tensor:
-        return self._decode_to(payload, torch.device("cpu"))
+    def support(self, payload: Payload) -> torch.Tensor:
+        """Positions whose magnitude code (sign bit ignored) is not 0: the kept values and
+        the nonzero quantized codes, read from the codes (exact integer work, no decode)."""
+        raw = self._checked(payload)
+        b = self._bits
+        s = raw.flags & SIGN_FLAG  # one more bit above the magnitude bits
+        codes = bitpack.unpack(raw.sections[0], b + s, raw.numel, torch.device("cpu"))
+        magnitude = codes & ((1 << b) - 1) if s else codes
+        return (magnitude != 0).reshape(raw.shape)
 
-    def _decode_to(self, payload: Payload, device: torch.device) -> torch.Tensor:
+    def _decode(self, payload: Payload, device: torch.device) -> torch.Tensor:
         """Alg. 2 on ``device``.
 
         Code widths 1, 2, 4 and 8 (``bits + sign``) dequantize straight from the packed

@@ -40,6 +40,10 @@ on any mismatch. The codecs' decoders
 then validate the content (code counts, index ranges, finite values). With ``entropy="zstd"``
 (``ms``) the sections are zstd frames and the layout check compares the decoded lengths their
 headers declare (``entropy.py``).
+
+This module is the bottom of the codec package: it knows codecs only as the registry describes
+them (``registry.CodecClass``: name, wire id, parameter layout, layout check), not their code.
+Decoding bytes with the codec their header names is ``dispatch.decode_bytes``.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .dtypes import dtype_code, dtype_from_code, itemsize
-from .registry import codec_class, codec_class_for_id, get_codec
+from .registry import codec_class, codec_class_for_id
 
 __all__ = [
     "FORMAT_VERSION",
@@ -61,7 +65,6 @@ __all__ = [
     "MAX_NUMEL",
     "Payload",
     "PayloadError",
-    "decode_bytes",
     "shape_within_limits",
 ]
 
@@ -233,10 +236,7 @@ class Payload:
                 f"{present - declared} bytes of trailing garbage after the declared sections"
             )
         views = [mv[a:b] for a, b in itertools.pairwise(itertools.accumulate(lengths, initial=off))]
-        # entropy stage: check the decoded lengths its frames declare (entropy imports payload)
-        from .entropy import declared_lengths
-
-        codec.check_layout(shape, dtype, flags, declared_lengths(codec.params, views))
+        codec.check_sections(shape, dtype, flags, views)  # before copying anything
 
         sections = [bytes(v) for v in views]
         return cls(
@@ -247,14 +247,3 @@ class Payload:
             sections=tuple(sections),
             flags=flags,
         )
-
-
-def decode_bytes(
-    blob: bytes | bytearray | memoryview, *, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """Decode payload bytes with the codec their header names (same shape and dtype).
-
-    The result is on ``device`` (default: the CPU), where the decoding work also runs.
-    """
-    payload = Payload.from_bytes(blob)
-    return get_codec(payload.codec, **payload.params).decode(payload, device=device)

@@ -15,7 +15,7 @@ import struct
 import torch
 
 from . import bitpack
-from .base import SinglePassCodec, require_finite
+from .base import Codec, require_finite
 from .dtypes import to_host_bytes
 from .error import relative_error, squared_norm
 from .params import IntRange
@@ -30,7 +30,7 @@ _F32_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal float32
 
 
 @register
-class UniformQuantization(SinglePassCodec):
+class UniformQuantization(Codec):
     """Min-max uniform quantization; params: ``bits`` in 1..16 (default 3)."""
 
     name = "qu"
@@ -48,7 +48,7 @@ class UniformQuantization(SinglePassCodec):
     ) -> tuple[int, ...]:
         return bitpack.packed_nbytes(math.prod(shape), self._bits), _SCALES.size
 
-    def _encode_pass(
+    def _encode(
         self,
         flat: torch.Tensor,
         shape: tuple[int, ...],
@@ -56,7 +56,7 @@ class UniformQuantization(SinglePassCodec):
         generator: torch.Generator | None,
         train: bool,
         measure: bool,
-    ) -> tuple[Payload, float]:
+    ) -> tuple[Payload, float | None]:
         """Quantize on the tensor's device; with ``measure``, the dequantized values' error."""
         bits = self._bits
         levels = (1 << bits) - 1
@@ -77,7 +77,7 @@ class UniformQuantization(SinglePassCodec):
         q.mul_(_rounded(levels / span, work))
         q.round_()  # half to even
         q.clamp_(0, levels)
-        error = 0.0
+        error = None
         if measure:
             recon = q * _rounded(span / levels, work)  # exactly what the decoder computes
             recon.add_(_rounded(lo, work))
@@ -88,10 +88,7 @@ class UniformQuantization(SinglePassCodec):
         packed = bitpack.pack_float_codes(q, bits) if bits <= 4 else bitpack.pack(q.int(), bits)
         return self._payload(shape, flat.dtype, [to_host_bytes(packed), scales]), error
 
-    def _decode(self, payload: Payload) -> torch.Tensor:
-        return self._decode_to(payload, torch.device("cpu"))
-
-    def _decode_to(self, payload: Payload, device: torch.device) -> torch.Tensor:
+    def _decode(self, payload: Payload, device: torch.device) -> torch.Tensor:
         levels = (1 << self._bits) - 1
         d = payload.numel
         lo, hi = _SCALES.unpack(payload.sections[1])

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import SinglePassCodec, check_finite
+from .base import Codec, check_finite
 from .dtypes import itemsize, tensor_from_bytes, tensor_to_bytes
 from .error import relative_error, squared_norm
 from .params import FloatRange, Param
@@ -28,7 +28,7 @@ RATIO = FloatRange("ratio", 0.99, 0.0, 1.0)
 
 
 @register
-class TopKCodec(SinglePassCodec):
+class TopKCodec(Codec):
     """Top-k sparsification; params: ``ratio`` in (0, 1), the fraction of elements dropped."""
 
     name = "sp"
@@ -54,7 +54,7 @@ class TopKCodec(SinglePassCodec):
         """Sorted positions of the k elements to keep, given the magnitudes (1-D)."""
         return top_indices(mag.unsqueeze(0), k)[0]
 
-    def _encode_pass(
+    def _encode(
         self,
         flat: torch.Tensor,
         shape: tuple[int, ...],
@@ -62,7 +62,7 @@ class TopKCodec(SinglePassCodec):
         generator: torch.Generator | None,
         train: bool,
         measure: bool,
-    ) -> tuple[Payload, float]:
+    ) -> tuple[Payload, float | None]:
         """Select on the tensor's device; with ``measure``, the norm of the dropped elements."""
         d = flat.numel()
         k = keep_count(self._ratio, d)
@@ -70,7 +70,7 @@ class TopKCodec(SinglePassCodec):
         idx = self._select(x.abs(), k, generator, train)
         positions, flags = encode_positions(idx, d)
         values = tensor_to_bytes(flat[idx])
-        error = 0.0
+        error = None
         if measure:
             norm_sq = squared_norm(x)
             dropped = x.clone() if flat.dtype == torch.float32 else x  # x may alias flat
@@ -78,10 +78,7 @@ class TopKCodec(SinglePassCodec):
             error = relative_error(squared_norm(dropped), norm_sq)
         return self._payload(shape, flat.dtype, [positions, values], flags), error
 
-    def _decode(self, payload: Payload) -> torch.Tensor:
-        return self._decode_to(payload, torch.device("cpu"))
-
-    def _decode_to(self, payload: Payload, device: torch.device) -> torch.Tensor:
+    def _decode(self, payload: Payload, device: torch.device) -> torch.Tensor:
         d = payload.numel
         k = keep_count(self._ratio, d)
         idx = decode_positions(payload.sections[0], d, k, payload.flags, device)

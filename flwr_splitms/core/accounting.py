@@ -84,10 +84,30 @@ def log_round(row: dict[str, float], num_rounds: int, engine: str = "ROUND") -> 
 
 
 class StepProgress:
-    """Logs a progress line about every ``interval`` seconds during a long round."""
+    """Logs a progress line about every ``interval`` seconds during a long round.
 
-    def __init__(self, label: str, total: int, interval: float = 30.0) -> None:
+    With ``server_round`` and ``num_rounds`` the line names the round and says what is left of
+    the round and of the run: ``round 2/5: step 40/100, loss 2.1034, about 50s left in the
+    round, about 6m left in the run``. The round's rest comes from its step rate so far; each
+    later round is taken to last as long as the rounds this process finished took on average
+    (from ``run_started``, the ``time.monotonic()`` at which round ``first_round`` began), or,
+    before any finished, as long as this round will. ``label`` prefixes the line (``[local]``).
+    """
+
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        interval: float = 30.0,
+        *,
+        server_round: int | None = None,
+        num_rounds: int | None = None,
+        run_started: float | None = None,
+        first_round: int = 1,
+    ) -> None:
         self.label, self.total, self.interval = label, total, interval
+        self.server_round, self.num_rounds = server_round, num_rounds
+        self.run_started, self.first_round = run_started, first_round
         self.started = self.last = time.monotonic()
 
     def update(self, step: int, loss: float) -> None:
@@ -95,12 +115,37 @@ class StepProgress:
         now = time.monotonic()
         if now - self.last >= self.interval and step < self.total:
             self.last = now
-            rate = step / (now - self.started)
-            log.info(
-                "%s: step %d/%d, loss %.4f, about %.0fs left",
-                self.label,
-                step,
-                self.total,
-                loss,
-                (self.total - step) / rate,
-            )
+            round_left = (self.total - step) * (now - self.started) / step
+            line = f"{self._prefix()}: step {step}/{self.total}, loss {loss:.4f}, "
+            line += f"about {self.duration(round_left)} left in the round"
+            run_left = self._run_left(now, round_left)
+            if run_left is not None:
+                line += f", about {self.duration(run_left)} left in the run"
+            log.info("%s", line)
+
+    @staticmethod
+    def duration(seconds: float) -> str:
+        """A rough duration for a progress line: ``45s``, ``6m``, ``2h 05m``."""
+        if seconds < 99.5:
+            return f"{seconds:.0f}s"
+        minutes = round(seconds / 60)
+        if minutes < 100:
+            return f"{minutes}m"
+        return f"{minutes // 60}h {minutes % 60:02d}m"
+
+    def _prefix(self) -> str:
+        if self.server_round is None:
+            return self.label
+        of = f"/{self.num_rounds}" if self.num_rounds is not None else ""
+        return f"{self.label} round {self.server_round}{of}".strip()
+
+    def _run_left(self, now: float, round_left: float) -> float | None:
+        """Seconds left in the run, or None without the round and the number of rounds."""
+        if self.server_round is None or self.num_rounds is None:
+            return None
+        finished = self.server_round - self.first_round
+        if self.run_started is not None and finished > 0:
+            per_round = (self.started - self.run_started) / finished
+        else:
+            per_round = now - self.started + round_left
+        return round_left + max(self.num_rounds - self.server_round, 0) * per_round

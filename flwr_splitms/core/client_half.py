@@ -269,7 +269,8 @@ class SplitClientCore:
                     activations, params, gradient.to(activations.dtype), allow_unused=True
                 )
             )
-        self._sgd(state, settings, params, updates)
+        lrs = [settings.lr_at(key[3]) for key in state.pending]
+        self._sgd(state, settings, params, updates, lrs)
         state.updates += len(state.pending)
         state.pending = []
         self._save(state)
@@ -295,8 +296,9 @@ class SplitClientCore:
         settings: StepSettings,
         params: Sequence[torch.Tensor],
         updates: Sequence[Sequence[torch.Tensor | None]],
+        lrs: Sequence[float],
     ) -> None:
-        """SGD with momentum and weight decay, one step per batch, momentum kept in the state."""
+        """SGD with momentum and weight decay, one step per batch at its own learning rate."""
         optimizer = torch.optim.SGD(
             params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
         )
@@ -305,9 +307,11 @@ class SplitClientCore:
             buf = state.momentum.get(named[id(p)])
             if buf is not None:
                 optimizer.state[p]["momentum_buffer"] = buf.to(self.device).clone()
-        for grads in updates:
+        for grads, lr in zip(updates, lrs, strict=True):
             for p, g in zip(params, grads, strict=True):
                 p.grad = g
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             optimizer.step()
         for p in params:
             p.grad = None

@@ -1,10 +1,36 @@
-"""Per-round schedules: the learning rate of a round and how a round's steps group into messages."""
+"""Schedules: the learning rate of a round and of a step, and how a round's steps form messages.
+
+The learning-rate rule is the one users of SGD on ResNets know (Goyal et al., 2017, "Accurate,
+Large Minibatch SGD"): ``lr`` is the rate at a reference batch of :data:`LR_REFERENCE_BATCH`
+examples and scales linearly with the batch size (``lr-scaling="linear"``), and the first
+``warmup-steps`` steps of a run ramp up to it linearly. ``lr-scaling="none"`` with
+``warmup-steps=0`` is the paper's exact setting (lr 0.1 at batch 64).
+"""
 
 from __future__ import annotations
 
 import math
 
 LR_SCHEDULES = ("constant", "cosine", "step")
+LR_SCALINGS = ("linear", "none")
+LR_REFERENCE_BATCH = 64
+"""Batch size at which ``lr`` is taken as given (the paper's batch)."""
+
+
+def scaled_lr(lr: float, batch_size: int, scaling: str) -> float:
+    """``lr`` for ``batch_size`` examples per client and step under the rule ``scaling``."""
+    if scaling not in LR_SCALINGS:
+        raise ValueError(f"unknown lr scaling {scaling!r}; choose one of {LR_SCALINGS}")
+    if scaling == "linear":
+        return lr * batch_size / LR_REFERENCE_BATCH
+    return lr
+
+
+def warmup_factor(global_step: int, warmup_steps: int) -> float:
+    """Share of the round's rate used at the run's ``global_step`` (0-based): a linear ramp."""
+    if warmup_steps <= 0 or global_step >= warmup_steps:
+        return 1.0
+    return (global_step + 1) / warmup_steps
 
 
 def lr_at_round(base_lr: float, schedule: str, server_round: int, num_rounds: int) -> float:

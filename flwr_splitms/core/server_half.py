@@ -194,7 +194,7 @@ class SplitServerCore:
         self.sample_shape: tuple[int, ...] | None = None  # activation shape per example
 
     def set_lr(self, lr: float) -> None:
-        """The learning rate of the current round."""
+        """The learning rate of the next steps."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
@@ -292,6 +292,7 @@ class SplitServerCore:
             return BlockResult(gradients, losses, dropped)
         for j in range(batches):
             step = first_step + j
+            self.set_lr(settings.lr_at(step))
             with replayed_rng(self.device, settings.seed, "server", settings.server_round, step):
                 outcome = server_step(
                     self.model,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from flwr_splitms.core.schedule import warmup_factor
+
 
 @dataclass(frozen=True)
 class StepSettings:
@@ -12,6 +14,8 @@ class StepSettings:
 
     ``codec_*`` is the uplink codec of the activations, ``grad_codec_*`` the downlink codec of the
     gradients; ``error_every`` = N measures the compression error on every N-th step only.
+    ``lr`` is the round's rate (schedule and batch scaling applied); :meth:`lr_at` adds the
+    run's warmup over its first ``warmup_steps`` steps.
     """
 
     server_round: int
@@ -26,6 +30,12 @@ class StepSettings:
     grad_codec_name: str = "none"
     grad_codec_params: dict[str, Any] = field(default_factory=dict)
     error_every: int = 1
+    warmup_steps: int = 0
+    step_offset: int = 0  # steps the run took before this round (where the warmup stands)
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of the round's ``step`` (0-based): ``lr`` after the run's warmup."""
+        return self.lr * warmup_factor(self.step_offset + step, self.warmup_steps)
 
     def measures_error(self, step: int) -> bool:
         """Whether the compression error of ``step`` is measured."""

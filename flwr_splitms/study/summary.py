@@ -30,6 +30,7 @@ STYLES: dict[str, dict[str, Any]] = {
     "sp": {"color": "tab:green", "linestyle": "--", "marker": "D"},
     "rt": {"color": "tab:purple", "linestyle": "-.", "marker": "v"},
     "ms": {"color": "tab:red", "linestyle": "-", "marker": "^"},
+    "budget": {"color": "tab:orange", "linestyle": "--", "marker": "*"},  # strategies/budget.toml
 }
 """Line styles of the paper's Fig. 3 (baseline black, QU blue dotted, SP green dashed, MS red)."""
 

@@ -3,7 +3,9 @@
 Results go to a fresh folder under ``output-dir`` (``latest`` points at it): ``run.json``,
 ``history.csv`` after every round, checkpoints of the last ``keep-checkpoints`` rounds and
 ``final_weights.pt``. ``resume=true`` continues the latest run there in place. Any problem stops
-the run with an error, so ``flwr list`` shows it as failed.
+the run with an error, so ``flwr list`` shows it as failed; a known problem (run-config, too few
+nodes, missing dataset, every client failing) first logs one ERROR line with the reason and the
+fix, before Flower prints the traceback.
 """
 
 import logging
@@ -17,7 +19,7 @@ from flwr_splitms.checkpoint import (
     latest_run_state,
     save_run_state,
 )
-from flwr_splitms.config import SplitConfig, validate
+from flwr_splitms.config import ConfigError, SplitConfig, validate
 from flwr_splitms.data import DatasetUnavailableError
 from flwr_splitms.devices import resolve_device
 from flwr_splitms.experiment import (
@@ -30,7 +32,12 @@ from flwr_splitms.history import save_history
 from flwr_splitms.protocol import record_to_state, state_to_record
 from flwr_splitms.runs import latest_run_dir, new_run_dir, output_root, saved_run_config
 from flwr_splitms.storage import save_checkpoint
-from flwr_splitms.strategy import MSSplitStrategy, wait_for_nodes
+from flwr_splitms.strategy import (
+    ClientsFailedError,
+    MSSplitStrategy,
+    NotEnoughNodesError,
+    wait_for_nodes,
+)
 
 log = logging.getLogger("flwr")
 app = ServerApp()
@@ -40,8 +47,18 @@ class RunConfigError(RuntimeError):
     """The run cannot start as configured (the lines above say why)."""
 
 
+# Problems that stop a run with a message naming the reason and the fix (not bugs)
+STOPS = (
+    RunConfigError,
+    ConfigError,
+    NotEnoughNodesError,
+    DatasetUnavailableError,
+    ClientsFailedError,
+)
+
+
 def fail(problems: list[str]) -> RunConfigError:
-    """Log one line per problem and return the error that stops the run."""
+    """Log one ERROR line per problem (each names its fix); return the error that stops the run."""
     for line in problems:
         log.error("%s", line)
     return RunConfigError(f"{len(problems)} problem(s) with the run-config: " + "; ".join(problems))
@@ -70,6 +87,16 @@ def check(run_config: dict, grid: Grid) -> SplitConfig:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    """Run :func:`train`; a known problem logs one ERROR line (reason and fix) before it raises."""
+    try:
+        train(grid, context)
+    except STOPS as err:
+        if not isinstance(err, RunConfigError):  # fail() has logged those lines
+            log.error("The run stops: %s", err)
+        raise
+
+
+def train(grid: Grid, context: Context) -> None:
     """Train, evaluate after every round, checkpoint, and keep history.csv up to date."""
     run_config = dict(context.run_config)
     config = check(run_config, grid)
