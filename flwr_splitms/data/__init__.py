@@ -1,5 +1,6 @@
 """Datasets for split training: CIFAR-10/100, MNIST, Fashion-MNIST, ImageNet (ImageFolder), an
-offline synthetic set, and the user's own ``torch.utils.data.Dataset``.
+offline synthetic set, scikit-learn's 8x8 handwritten digits (real data inside its wheel, no
+download), and the user's own ``torch.utils.data.Dataset``.
 
 * Every dataset is a :class:`BatchSource`: size, labels, and ``batch(indices, augment=...,
   generator=...)``, which gives the same tensors again for a generator in the same state (the
@@ -14,6 +15,7 @@ offline synthetic set, and the user's own ``torch.utils.data.Dataset``.
   the offline ``dataset="synthetic"`` option.
 """
 
+from .digits import DIGITS_TEST_SIZE, DIGITS_TRAIN_SIZE
 from .images import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -54,6 +56,8 @@ __all__ = [
     "CIFAR_PADDING",
     "DATASETS",
     "DEFAULT_ROOT",
+    "DIGITS_TEST_SIZE",
+    "DIGITS_TRAIN_SIZE",
     "FASHION_MEAN",
     "FASHION_STD",
     "IMAGENET_CROP",

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from . import sources
+from . import digits, sources
 from .disk_cache import entry_path, read_entry, write_entry
 from .images import DataSplit, ImageFolderDataset, ImageTensorDataset
 from .partition import check_scheme, partition, positive_int
@@ -44,9 +44,10 @@ DATASETS: tuple[str, ...] = (
     "fashion-mnist",
     "synthetic",
     "imagenet",
+    "digits",
 )
 _ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist"}
-_FIXED_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion-mnist": 10}
+_FIXED_CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "fashion-mnist": 10, "digits": 10}
 SYNTHETIC_TRAIN_SIZE, SYNTHETIC_TEST_SIZE = 5000, 1000
 
 # --------------------------------------------------------------------------------------------
@@ -176,6 +177,8 @@ def _data_version(key: str, root: Path) -> str | None:
         return f"generator-{SYNTHETIC_VERSION}"
     if key in sources.RAW_FOLDERS:
         return sources.raw_fingerprint(key, root)
+    if key == "digits":
+        return digits.digits_version()
     return None  # imagenet: decoded on demand, nothing worth caching
 
 
@@ -200,7 +203,9 @@ def load_dataset(
     ``"cifar10"``/``"cifar100"``: torchvision's files under ``root`` (fetched when ``download``),
     converted once to an :class:`ImageTensorDataset`. ``"mnist"``/``"fashion-mnist"``: likewise,
     each 28x28 gray image zero-padded to 32x32 and copied to 3 channels (see
-    :func:`.sources.load_digits`). ``"imagenet"``: an :class:`ImageFolderDataset` over
+    :func:`.sources.load_digits`). ``"digits"``: scikit-learn's 8x8 handwritten digits, read
+    from its wheel (no download, ``root`` unused), upsampled to 3x32x32, a fixed 1,497 / 300
+    train/test split (see :mod:`.digits`). ``"imagenet"``: an :class:`ImageFolderDataset` over
     ``root/train`` or ``root/val``. ``"synthetic"``: the offline stand-in, ``num_classes``
     classes (default 10) and ``size`` samples (default 5000 train / 1000 test), generated from
     ``seed`` and, with ``disk_cache``, kept under ``root/.cache`` for the next process. For real
@@ -233,11 +238,17 @@ def load_dataset(
             )
         return ds
 
-    loader = sources.load_cifar if key.startswith("cifar") else sources.load_digits
-    full: ImageTensorDataset = _cached(
-        ("dataset", key, str(root_path), bool(train), None, None, 0),
-        lambda: loader(key, root_path, bool(train), bool(download)),
-    )
+    if key == "digits":  # inside scikit-learn's wheel: no root, no download
+        full: ImageTensorDataset = _cached(
+            ("dataset", key, None, bool(train), None, None, 0),
+            lambda: digits.load_sklearn_digits(bool(train)),
+        )
+    else:
+        loader = sources.load_cifar if key.startswith("cifar") else sources.load_digits
+        full = _cached(
+            ("dataset", key, str(root_path), bool(train), None, None, 0),
+            lambda: loader(key, root_path, bool(train), bool(download)),
+        )
     if size is None:
         return full
 
@@ -302,9 +313,9 @@ def load_partition(
     (``DataSplit.dataset_indices`` are their positions in the full training set).
 
     Cached per process and, with ``disk_cache`` (all but imagenet), on disk under
-    ``root/.cache``: keyed by dataset, its version (generator version or the files' sizes and
-    times), ``size``, ``num_classes``, ``seed``, scheme, ``alpha``, partition id and count,
-    written once atomically and memory-mapped by every later process.
+    ``root/.cache``: keyed by dataset, its version (generator version, the files' sizes and
+    times, or scikit-learn's version), ``size``, ``num_classes``, ``seed``, scheme, ``alpha``,
+    partition id and count, written once atomically and memory-mapped by every later process.
     """
     positive_int(num_partitions, "num_partitions")
     if isinstance(partition_id, bool) or not isinstance(partition_id, int | np.integer):
