@@ -221,3 +221,13 @@ def test_study(tmp_path: Path) -> None:
     for policy, accuracy in accuracies.items():
         assert form.low <= accuracy <= form.high, (policy, accuracies, run.output[-3000:])
     drop_checkpoints(out)
+
+
+def test_the_readme_shows_the_same_quick_forms() -> None:
+    """The README's copies of the quick forms are the blocks this file runs."""
+    readme = (ROOT / "README.md").read_text()
+    for name in ("offline", "deployment", "study"):
+        pattern = rf"<!-- quick form: {name} -->\s*```bash\n(.*?)```"
+        in_readme = re.search(pattern, readme, re.S)
+        assert in_readme, f"README lost its quick form {name!r}"
+        assert in_readme.group(1) == re.search(pattern, DOC.read_text(), re.S).group(1)  # type: ignore[union-attr]
