@@ -243,3 +243,15 @@ def test_config_accepts_digits(tmp_path: Path) -> None:
     assert len(evaluation_data(config)) == DIGITS_TEST_SIZE
     with pytest.raises(ConfigError, match="digits"):
         SplitConfig.from_run_config({"dataset": "digitz"})  # the choices name it
+
+
+def test_digits_study_file_runs_every_policy_on_digits() -> None:
+    from flwr_splitms.study.spec import StudySpec
+
+    spec = StudySpec.from_toml(Path(__file__).parents[1] / "studies" / "digits.toml")
+    assert spec.policies == ("none", "qu", "sp", "rt", "ms") and len(spec.seeds) == 3
+    assert spec.baseline == "none" and len(spec.cuts) == 1
+    configs = [run.config() for run in spec.runs()]
+    assert len(configs) == 15 and {c.dataset for c in configs} == {"digits"}
+    assert {c.codec for c in configs} == {"none", "qu", "sp", "rt", "ms"}
+    assert {c.lr_scaling for c in configs} == {"linear"}  # the default rule, not the paper's
