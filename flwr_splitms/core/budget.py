@@ -592,9 +592,14 @@ class Decision(NamedTuple):
     nbytes: int  # the largest message of ``choice`` at any client (estimated for zstd)
 
 
-def decide(measurements: Sequence[Mapping[str, Measurement | Sequence[float]]]) -> Decision:
-    """:func:`choose`, its fixed-size fallback, and the chosen setting's error and bytes."""
-    choice = choose(measurements)
+def decide(
+    measurements: Sequence[Mapping[str, Measurement | Sequence[float]]],
+    *,
+    fixed_size: bool = False,
+) -> Decision:
+    """:func:`choose`, its fixed-size fallback, and the chosen setting's error and bytes
+    (``fixed_size``: settings without the zstd stage only; the fallback is then the choice)."""
+    choice = choose(measurements, fixed_size=fixed_size)
     fallback = choice if choice.fixed_size else choose(measurements, fixed_size=True)
     rows = [Measurement(*m[choice.label]) for m in measurements]
     error = math.fsum(r.error for r in rows) / len(rows)

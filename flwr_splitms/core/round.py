@@ -33,8 +33,6 @@ from flwr_splitms.core.budget import (
     BudgetError,
     CodecChoice,
     Decision,
-    Measurement,
-    choose,
     decide,
     measure,
 )
@@ -292,7 +290,7 @@ class SplitRun:
     ) -> bool:
         """codec = "budget": probe and choose when due; False if no client answered the probe."""
         plan = self.plan
-        if plan.codec_name == BUDGET and self._choice_due(server_round):
+        if plan.codec_name == BUDGET and self._due(self.budget, self.budget_round, server_round):
             probe = plan.settings(server_round, step_offset=self.steps_done)
             measured = clients.probe(probe, plan.budget_bits, plan.budget_sample, acc)
             if not measured:
@@ -325,9 +323,8 @@ class SplitRun:
             run_started=self.started,
             first_round=self.first_round,
         )
-        choose_grads = bool(self.plan.grad_budget_bits) and (
-            self.grad_budget is None
-            or server_round - self.grad_budget_round >= self.plan.budget_every
+        choose_grads = bool(self.plan.grad_budget_bits) and self._due(
+            self.grad_budget, self.grad_budget_round, server_round
         )
         step = 0
         for index, count in enumerate(blocks):
@@ -386,15 +383,13 @@ class SplitRun:
             measure(g, plan.grad_budget_bits, sample=plan.budget_sample, grid=DOWNLINK)
             for g in gradients
         ]
-        choice = choose(measured, fixed_size=True)
-        errors = [Measurement(*m[choice.label]) for m in measured]
-        error = math.fsum(e.error for e in errors) / len(errors)
-        self.grad_budget = Decision(choice, choice, error, max(int(e.nbytes) for e in errors))
+        self.grad_budget = decide(measured, fixed_size=True)
         self.grad_budget_round = server_round
         return link_for(self.settings(server_round))
 
-    def _choice_due(self, server_round: int) -> bool:
-        return self.budget is None or server_round - self.budget_round >= self.plan.budget_every
+    def _due(self, decision: Decision | None, decided: int, server_round: int) -> bool:
+        """A choice within a byte budget is due: none yet, or ``budget-every`` rounds passed."""
+        return decision is None or server_round - decided >= self.plan.budget_every
 
     def _block(
         self,
