@@ -19,6 +19,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as flower
 
+from flwr_splitms.config import AGGREGATORS
 from flwr_splitms.protocol import CLIENT_ONLY_METRICS
 
 __all__ = [
@@ -38,20 +39,6 @@ _CLIENT_SIDE: dict[str, str] = {
     "FedXgbBagging": "aggregates XGBoost trees, not tensors",
     "FedXgbCyclic": "aggregates XGBoost trees, not tensors",
 }
-
-AGGREGATORS: dict[str, str] = {
-    "fedavg": "FedAvg",
-    "fedavgm": "FedAvgM",
-    "fedadam": "FedAdam",
-    "fedyogi": "FedYogi",
-    "fedadagrad": "FedAdagrad",
-    "fedmedian": "FedMedian",
-    "fedtrimmedavg": "FedTrimmedAvg",
-    "krum": "Krum",
-    "multikrum": "MultiKrum",
-    "bulyan": "Bulyan",
-}
-"""Run-config names of the Flower strategies the example app can aggregate with."""
 
 
 def check_aggregator(aggregator: Any) -> Any:

@@ -100,6 +100,11 @@ def run_local(
     """
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+    if config.aggregator != "fedavg":
+        raise ValueError(
+            f"aggregator={config.aggregator!r}: the local engine averages with FedAvg only; run "
+            "the Flower app (flwr run) for another aggregator, or set aggregator='fedavg'"
+        )
     resolved = resolve_device(device or config.device)
     plan = RoundPlan.from_config(config)
     plan.check_codecs()  # a bad codec fails before anything is built

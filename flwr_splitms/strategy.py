@@ -24,7 +24,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result, Strategy
 from torch import nn
 
-from flwr_splitms.aggregators import aggregate_client_halves, check_aggregator, drawing_from
+from flwr_splitms.aggregators import (
+    aggregate_client_halves,
+    aggregator_from_name,
+    check_aggregator,
+    drawing_from,
+)
 from flwr_splitms.checkpoint import RunState
 from flwr_splitms.codecs import Codec
 from flwr_splitms.config import SplitConfig
@@ -67,8 +72,10 @@ class MSSplitStrategy(FedAvg):
     server_model : the server-side network (moved to ``device``).
     aggregator : a Flower strategy (FedAvg, FedAvgM, FedAdam, FedMedian, Krum, FedTrimmedAvg, a
         server-side DP wrapper, ...) that samples each round's nodes and aggregates their
-        client-side weights; None = ``FedAvg`` with this strategy's training options. Strategies
-        that need the client to change (FedProx's proximal term, client-side clip) are refused.
+        client-side weights; None = ``FedAvg`` with this strategy's training options; a name
+        (the run-config key ``aggregator``: ``"fedadam"``, ``"fedmedian"``, ...) builds that
+        strategy with those options. Strategies that need the client to change (FedProx's
+        proximal term, client-side clip) are refused.
     codec, codec_params : uplink codec of the activations and its parameters (``codec-*``);
         None = the codec's defaults. grad_codec, grad_codec_params : the same for the gradients
         sent back (``"none"``: raw, as in the paper).
@@ -99,7 +106,7 @@ class MSSplitStrategy(FedAvg):
         self,
         server_model: nn.Module,
         *,
-        aggregator: Strategy | None = None,
+        aggregator: Strategy | str | None = None,
         codec: str = _DEFAULTS.codec,
         codec_params: Mapping[str, Any] | None = None,
         grad_codec: str = _DEFAULTS.grad_codec,
@@ -139,6 +146,8 @@ class MSSplitStrategy(FedAvg):
             )
         super().__init__(**fedavg_kwargs)
         train_kwargs = {k: v for k, v in fedavg_kwargs.items() if "evaluate" not in k}
+        if isinstance(aggregator, str):  # a run-config name: built with the sampling options
+            aggregator = aggregator_from_name(aggregator, **train_kwargs)
         self.aggregator = check_aggregator(aggregator) or FedAvg(**train_kwargs)
         keywords = dict(locals())
         keywords["codec_params"] = codec_params_of(codec, codec_params)

@@ -23,8 +23,10 @@ from flwr.simulation import run_simulation
 from inprocess_grid import InProcessGrid
 from split_app import client_app, strategy
 
-from flwr_splitms.aggregators import aggregator_from_name
-from flwr_splitms.config import SplitConfig
+from flwr_splitms.aggregators import aggregator_from_name, check_aggregator
+from flwr_splitms.config import AGGREGATORS as CONFIG_AGGREGATORS
+from flwr_splitms.config import ConfigError, SplitConfig
+from flwr_splitms.local import run_local
 from flwr_splitms.protocol import state_to_record
 from flwr_splitms.strategy import MSSplitStrategy
 
@@ -171,3 +173,35 @@ def test_aggregators_by_name() -> None:
     assert aggregator_from_name("fedadam", eta=0.01).eta == 0.01
     with pytest.raises(ValueError, match="unknown aggregator 'fedsgd'; choose one of fedavg"):
         aggregator_from_name("fedsgd")
+
+
+def test_the_run_config_key_names_the_aggregator(tiny_config: SplitConfig) -> None:
+    # aggregator = "fedmedian" in the example's run-config: FedMedian, with the sampling options
+    config = SplitConfig.from_run_config(
+        {**tiny_config.to_run_config(), "aggregator": "fedmedian", "num-server-rounds": 1}
+    )
+    grid = InProcessGrid(client_app(), 3, config.to_run_config())
+    client_net, strat = strategy(config)
+    assert type(strat.aggregator) is FedMedian
+    assert strat.aggregator.min_train_nodes == strat.min_train_nodes
+    assert strat.aggregator.fraction_train == strat.fraction_train
+    seen = spy_on_replies(strat)
+    initial = state_to_record(client_net.state_dict())
+    result = strat.start(grid, initial, num_rounds=1, timeout=60)
+    assert_same_arrays(result.arrays, expected_aggregate("fedmedian", initial, seen[0]))
+    # the default builds the same FedAvg as before; a name is checked like every other key
+    assert type(strategy(tiny_config)[1].aggregator) is FedAvg
+    with pytest.raises(ConfigError, match=r'unknown aggregator.*mean aggregator="fedmedian"'):
+        SplitConfig.from_run_config({"aggregator": "fedmedain"})
+
+
+def test_every_aggregator_name_builds_its_flower_strategy() -> None:
+    for name, class_name in CONFIG_AGGREGATORS.items():
+        built = aggregator_from_name(name, fraction_train=0.5, min_train_nodes=2)
+        assert type(built).__name__ == class_name and built.fraction_train == 0.5
+        assert check_aggregator(built) is built
+
+
+def test_the_local_engine_refuses_another_aggregator(tiny_config: SplitConfig) -> None:
+    with pytest.raises(ValueError, match="aggregator='krum': the local engine averages with"):
+        run_local(tiny_config.replace(aggregator="krum"), 2)

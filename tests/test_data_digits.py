@@ -249,9 +249,12 @@ def test_digits_study_file_runs_every_policy_on_digits() -> None:
     from flwr_splitms.study.spec import StudySpec
 
     spec = StudySpec.from_toml(Path(__file__).parents[1] / "studies" / "digits.toml")
-    assert spec.policies == ("none", "qu", "sp", "rt", "ms") and len(spec.seeds) == 3
+    assert spec.policies == ("none", "qu", "sp", "rt", "ms", "budget") and len(spec.seeds) == 3
     assert spec.baseline == "none" and len(spec.cuts) == 1
     configs = [run.config() for run in spec.runs()]
-    assert len(configs) == 15 and {c.dataset for c in configs} == {"digits"}
-    assert {c.codec for c in configs} == {"none", "qu", "sp", "rt", "ms"}
+    assert len(configs) == 18 and {c.dataset for c in configs} == {"digits"}
+    assert {c.codec for c in configs} == {"none", "qu", "sp", "rt", "ms", "budget"}
+    # budget.toml's number is what MS costs at the deep cut and batch 16 (tests/test_budget.py)
+    budget = [c for c in configs if c.codec == "budget"]
+    assert {(c.cut, c.batch_size, c.budget_bits) for c in budget} == {("deep", 16, 2.3222)}
     assert {c.lr_scaling for c in configs} == {"linear"}  # the default rule, not the paper's

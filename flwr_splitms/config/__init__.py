@@ -11,9 +11,10 @@ naming it)::
 """
 
 from .codec_keys import codec_param_specs, grad_codec_param_specs
-from .record import LR_SCHEDULES, ConfigError, SplitConfig, validate
+from .record import AGGREGATORS, LR_SCHEDULES, ConfigError, SplitConfig, validate
 
 __all__ = [
+    "AGGREGATORS",
     "LR_SCHEDULES",
     "ConfigError",
     "SplitConfig",

@@ -92,6 +92,19 @@ def _setting(default: Any, rule: Rule | None = None) -> Any:
 
 
 WARMUP_STEPS = 10
+AGGREGATORS: dict[str, str] = {
+    "fedavg": "FedAvg",
+    "fedavgm": "FedAvgM",
+    "fedadam": "FedAdam",
+    "fedyogi": "FedYogi",
+    "fedadagrad": "FedAdagrad",
+    "fedmedian": "FedMedian",
+    "fedtrimmedavg": "FedTrimmedAvg",
+    "krum": "Krum",
+    "multikrum": "MultiKrum",
+    "bulyan": "Bulyan",
+}
+"""``aggregator`` names and the Flower strategies (``flwr.serverapp.strategy``) they build."""
 POSITIVE = Range(1, integer=True)
 COUNT = Range(0, integer=True)
 FRACTION_OPEN = Range(0, 1, low_open=True)  # (0, 1]
@@ -118,6 +131,7 @@ class _Settings:
     num_server_rounds: int = _setting(3, POSITIVE)
     fraction_train: float = _setting(1.0, FRACTION_OPEN)
     fraction_evaluate: float = _setting(0.0, Range(0, 1))
+    aggregator: str = _setting("fedavg", Choices(lambda: tuple(AGGREGATORS), "aggregator"))
     min_nodes: int = _setting(2, POSITIVE)  # nodes to wait for before the first round
     node_wait: float = _setting(60.0, Range(0))  # seconds to wait for them
     steps_per_round: int = _setting(0, COUNT)  # 0 = one local epoch of the smallest partition
