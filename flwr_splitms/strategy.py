@@ -72,10 +72,11 @@ class MSSplitStrategy(FedAvg):
     server_model : the server-side network (moved to ``device``).
     aggregator : a Flower strategy (FedAvg, FedAvgM, FedAdam, FedMedian, Krum, FedTrimmedAvg, a
         server-side DP wrapper, ...) that samples each round's nodes and aggregates their
-        client-side weights; None = ``FedAvg`` with this strategy's training options; a name
-        (the run-config key ``aggregator``: ``"fedadam"``, ``"fedmedian"``, ...) builds that
-        strategy with those options. Strategies that need the client to change (FedProx's
-        proximal term, client-side clip) are refused.
+        client-side weights; a name (the run-config key ``aggregator``: ``"fedavg"``, the
+        default, ``"fedadam"``, ``"fedmedian"``, ...) builds that strategy with this strategy's
+        training options (``fraction_train``, ``min_train_nodes``, ...); None = ``"fedavg"``.
+        Strategies that need the client to change (FedProx's proximal term, client-side clip)
+        are refused.
     codec, codec_params : uplink codec of the activations and its parameters (``codec-*``);
         None = the codec's defaults. grad_codec, grad_codec_params : the same for the gradients
         sent back (``"none"``: raw, as in the paper).
@@ -106,7 +107,7 @@ class MSSplitStrategy(FedAvg):
         self,
         server_model: nn.Module,
         *,
-        aggregator: Strategy | str | None = None,
+        aggregator: Strategy | str | None = _DEFAULTS.aggregator,
         codec: str = _DEFAULTS.codec,
         codec_params: Mapping[str, Any] | None = None,
         grad_codec: str = _DEFAULTS.grad_codec,
