@@ -190,6 +190,7 @@ class MSSplitStrategy(FedAvg):
     def summary(self) -> None:
         """Log the configuration."""
         self.aggregator.summary()
+        log.info("\t└──> Aggregator: %s", type(self.aggregator).__name__)
         p = self.plan
         log.info(
             "\t└──> Split: codec %s %s | grad codec %s %s | lr %s at batch 64 (%s, scaling %s, "

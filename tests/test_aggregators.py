@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -175,7 +176,9 @@ def test_aggregators_by_name() -> None:
         aggregator_from_name("fedsgd")
 
 
-def test_the_run_config_key_names_the_aggregator(tiny_config: SplitConfig) -> None:
+def test_the_run_config_key_names_the_aggregator(
+    tiny_config: SplitConfig, caplog: pytest.LogCaptureFixture
+) -> None:
     # aggregator = "fedmedian" in the example's run-config: FedMedian, with the sampling options
     config = SplitConfig.from_run_config(
         {**tiny_config.to_run_config(), "aggregator": "fedmedian", "num-server-rounds": 1}
@@ -185,6 +188,9 @@ def test_the_run_config_key_names_the_aggregator(tiny_config: SplitConfig) -> No
     assert type(strat.aggregator) is FedMedian
     assert strat.aggregator.min_train_nodes == strat.min_train_nodes
     assert strat.aggregator.fraction_train == strat.fraction_train
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        strat.summary()
+    assert "Aggregator: FedMedian" in caplog.text  # the run's log says which one
     seen = spy_on_replies(strat)
     initial = state_to_record(client_net.state_dict())
     result = strat.start(grid, initial, num_rounds=1, timeout=60)
