@@ -11,9 +11,11 @@ shallow, the default) or ``small-cnn`` (``steps_per_message.small_cnn``: the sam
 ReLU cut activations at 1/28 of ResNet18's multiply-adds, for the whole grid on a shared CPU).
 ``--rule`` picks the learning-rate rule: ``default`` (``lr`` 0.1 at batch 64, scaled linearly
 with the batch size, ``warmup-steps`` ramp) or ``paper`` (``lr-scaling="none"``,
-``warmup-steps=0``: lr 0.1 whatever the batch). Columns: the training loss of the first step
-(the loss at initialisation), each round's mean training loss and test accuracy, and whether
-every round's loss stayed below the initial loss and the accuracy rose.
+``warmup-steps=0``: lr 0.1 whatever the batch). Columns: the loss at initialisation (the mean
+training loss of round 1's batches at a rate of 1e-12, so over the same batches as round 1 but
+untrained: one batch's loss would be too noisy a reference), each round's mean training loss
+and test accuracy, and whether every round's loss stayed below the initial loss and the
+accuracy rose.
 
 Other settings to compare against the rule (issue #18's batch-8 target)::
 
@@ -61,7 +63,7 @@ def run(
     settings: dict[str, object] | None = None,
     zero_init_residual: bool = False,
 ) -> dict:
-    """One local run; its first-step loss, per-round losses and accuracies.
+    """One local run; its loss at initialisation, per-round losses and accuracies.
 
     ``synthetic_size`` 0 = just enough images for the run (at least 640).
     """
@@ -81,7 +83,6 @@ def run(
     # --set goes through the run-config parser: the same keys, values and checks as a user's
     config = SplitConfig.from_run_config({**base.to_run_config(), **(settings or {})})
 
-    # the first step's loss is taken before any update: a one-step run gives it
     def train(config: SplitConfig, evaluate: bool = True):  # type: ignore[no-untyped-def]
         if arch == "resnet18" and not zero_init_residual:
             return run_local(config, clients, evaluate=evaluate).history
@@ -99,7 +100,8 @@ def run(
             config, clients, evaluate=evaluate, models=models, client_data=data, test_data=test
         ).history
 
-    probe = config.replace(num_server_rounds=1, steps_per_round=1)
+    # the loss at initialisation: round 1 at a rate of ~0, i.e. on the same batches, untrained
+    probe = config.replace(num_server_rounds=1, lr=1e-12)
     initial = float(train(probe, evaluate=False)["train_loss"].iloc[0])
     tic = time.perf_counter()
     history = train(config)
