@@ -41,7 +41,7 @@ from step_time import machine_line
 from steps_per_message import small_cnn
 
 from flwr_splitms.config import SplitConfig
-from flwr_splitms.experiment import client_data, evaluation_data, num_classes
+from flwr_splitms.experiment import evaluation_data, num_classes
 from flwr_splitms.local import run_local
 from flwr_splitms.models import split_model
 
@@ -86,7 +86,6 @@ def run(
     def train(config: SplitConfig, evaluate: bool = True):  # type: ignore[no-untyped-def]
         if arch == "resnet18" and not zero_init_residual:
             return run_local(config, clients, evaluate=evaluate).history
-        data = [client_data(config, c, clients)[0] for c in range(clients)]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             if arch == "resnet18":
@@ -96,9 +95,8 @@ def run(
             else:
                 models = small_cnn(10, config.seed)
         test = evaluation_data(config) if evaluate else None
-        return run_local(
-            config, clients, evaluate=evaluate, models=models, client_data=data, test_data=test
-        ).history
+        # run_local builds the clients' data from config; with models= it needs the test set
+        return run_local(config, clients, evaluate=evaluate, models=models, test_data=test).history
 
     # the loss at initialisation: round 1 at a rate of ~0, i.e. on the same batches, untrained
     probe = config.replace(num_server_rounds=1, lr=1e-12)
