@@ -147,9 +147,9 @@ class MSSplitStrategy(FedAvg):
             )
         super().__init__(**fedavg_kwargs)
         train_kwargs = {k: v for k, v in fedavg_kwargs.items() if "evaluate" not in k}
-        if isinstance(aggregator, str):  # a run-config name: built with the sampling options
-            aggregator = aggregator_from_name(aggregator, **train_kwargs)
-        self.aggregator = check_aggregator(aggregator) or FedAvg(**train_kwargs)
+        if aggregator is None or isinstance(aggregator, str):  # built with the sampling options
+            aggregator = aggregator_from_name(aggregator or "fedavg", **train_kwargs)
+        self.aggregator = check_aggregator(aggregator)
         keywords = dict(locals())
         keywords["codec_params"] = codec_params_of(codec, codec_params)
         keywords["grad_codec_params"] = dict(grad_codec_params or {})
