@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
+import pandas as pd
 import pytest
 from inprocess_grid import InProcessGrid
 from split_app import client_app, strategy
@@ -49,22 +50,30 @@ class SlowGrid(InProcessGrid):
         return keep
 
 
-def run_slow(config: SplitConfig, *, simulation: bool, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+def run_slow(
+    tiny_config: SplitConfig,
+    *,
+    simulation: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> pd.Series:
+    """One round of 2 steps in which node 1001 answers late; its history row (logs in caplog)."""
     monkeypatch.setattr(transport_module, "is_simulation_grid", lambda grid: simulation)
+    config = tiny_config.replace(num_server_rounds=1, steps_per_round=2)
     grid = SlowGrid(client_app(), 2, config.to_run_config(), delay=1.5)
     client_net, strat = strategy(config, wait_floor=0.3, wait_factor=1.0)
     strat.wait.warmup = 0  # the adaptive wait applies from the first exchange
     strat.wait.observe(0.05)
-    return strat.start(grid, state_to_record(client_net.state_dict()), num_rounds=1, timeout=30)
+    initial = state_to_record(client_net.state_dict())
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        result = strat.start(grid, initial, num_rounds=1, timeout=30)
+    return result.history.iloc[0]
 
 
 def test_a_slow_node_is_never_dropped_in_simulation(
     tiny_config: SplitConfig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = tiny_config.replace(num_server_rounds=1, steps_per_round=2)
-    with caplog.at_level(logging.WARNING, logger="flwr"):
-        result = run_slow(config, simulation=True, monkeypatch=monkeypatch)
-    row = result.history.iloc[0]
+    row = run_slow(tiny_config, simulation=True, monkeypatch=monkeypatch, caplog=caplog)
     assert (row["num_clients"], row["dropped_clients"], row["steps"]) == (2, 0, 2)
     assert "dropped" not in caplog.text
 
@@ -72,10 +81,7 @@ def test_a_slow_node_is_never_dropped_in_simulation(
 def test_a_deployment_drops_a_stalled_node_and_records_it(
     tiny_config: SplitConfig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = tiny_config.replace(num_server_rounds=1, steps_per_round=2)
-    with caplog.at_level(logging.INFO, logger="flwr"):
-        result = run_slow(config, simulation=False, monkeypatch=monkeypatch)
-    row = result.history.iloc[0]
+    row = run_slow(tiny_config, simulation=False, monkeypatch=monkeypatch, caplog=caplog)
     assert (row["num_clients"], row["dropped_clients"]) == (2, 1)
     assert "Node 1001 did not answer within 0.3s; dropped from the round" in caplog.text
     assert "2 clients (1 dropped)" in caplog.text  # the round's log line says so
