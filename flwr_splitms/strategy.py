@@ -82,8 +82,10 @@ class MSSplitStrategy(FedAvg):
         sent back (``"none"``: raw, as in the paper).
     lr, momentum, weight_decay : SGD of both halves. lr_scaling : ``"linear"``: ``lr`` is the rate
         at a batch of 64, scaled with ``batch_size``; ``"none"``: as given (the paper).
-        warmup_steps : the run's first steps ramp the rate up linearly (0 = off). lr_schedule :
-        ``"cosine"``, ``"step"`` or ``"constant"`` over the rounds.
+        warmup_steps : the run's first steps ramp the rate up linearly (0 = off). head_lr_scale :
+        the server model's output layer (its last ``nn.Linear``) trains at this share of the
+        rate (1 = the paper). lr_schedule : ``"cosine"``, ``"step"`` or ``"constant"`` over the
+        rounds.
     batch_size, steps_per_round : examples per client and step; steps per round (0 = one epoch
         of the smallest sampled partition). steps_per_message : K steps per round trip (1 = the
         exact algorithm).
@@ -118,6 +120,7 @@ class MSSplitStrategy(FedAvg):
         lr_schedule: str = _DEFAULTS.lr_schedule,
         lr_scaling: str = _DEFAULTS.lr_scaling,
         warmup_steps: int = _DEFAULTS.warmup_steps,
+        head_lr_scale: float = _DEFAULTS.head_lr_scale,
         batch_size: int = _DEFAULTS.batch_size,
         steps_per_round: int = _DEFAULTS.steps_per_round,
         steps_per_message: int = _DEFAULTS.steps_per_message,
@@ -194,9 +197,10 @@ class MSSplitStrategy(FedAvg):
         p = self.plan
         log.info(
             "\t└──> Split: codec %s %s | grad codec %s %s | lr %s at batch 64 (%s, scaling %s, "
-            "warmup %d) | batch %d | steps/round %s | steps/message %d | device %s",
+            "warmup %d, output layer x%s) | batch %d | steps/round %s | steps/message %d | "
+            "device %s",
             *(p.codec_name, dict(p.codec_params), p.grad_codec_name, dict(p.grad_codec_params)),
-            *(p.lr, p.lr_schedule, p.lr_scaling, p.warmup_steps, p.batch_size),
+            *(p.lr, p.lr_schedule, p.lr_scaling, p.warmup_steps, p.head_lr_scale, p.batch_size),
             *(p.steps_per_round or "one epoch", p.steps_per_message, self.run.server.device),
         )
 

@@ -92,6 +92,7 @@ def _setting(default: Any, rule: Rule | None = None) -> Any:
 
 
 WARMUP_STEPS = 10
+HEAD_LR_SCALE = 0.1
 AGGREGATORS: dict[str, str] = {
     "fedavg": "FedAvg",
     "fedavgm": "FedAvgM",
@@ -146,6 +147,7 @@ class _Settings:
     lr_schedule: str = _setting("cosine", Choices(lambda: LR_SCHEDULES, "lr schedule"))
     lr_scaling: str = _setting("linear", Choices(lambda: LR_SCALINGS, "lr scaling"))
     warmup_steps: int = _setting(WARMUP_STEPS, COUNT)  # linear lr ramp over the run's first steps
+    head_lr_scale: float = _setting(HEAD_LR_SCALE, Range(0))  # the output layer's share of lr
     augment: bool = True
     seed: int = _setting(42, COUNT)
     device: str = _setting("auto", _Device())

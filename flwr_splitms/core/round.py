@@ -69,6 +69,7 @@ class RoundPlan:
     lr_schedule: str
     lr_scaling: str
     warmup_steps: int
+    head_lr_scale: float
     batch_size: int
     steps_per_round: int
     steps_per_message: int
@@ -97,6 +98,7 @@ class RoundPlan:
             ("steps_per_message", 1),
             ("error_every", 1),
             ("warmup_steps", 0),
+            ("head_lr_scale", 0),
             ("eval_batch_size", 1),
             ("budget_every", 1),
             ("budget_sample", 1),
@@ -247,6 +249,7 @@ class SplitRun:
             weight_decay=plan.weight_decay,
             device=device,
             num_classes=num_classes,
+            head_lr_scale=plan.head_lr_scale,
         )
         return cls(server, plan, label=label)
 
@@ -468,7 +471,7 @@ class SplitRun:
     def restore(self, state: RunState) -> dict[str, torch.Tensor]:
         """Adopt a checkpoint: server half, history, cursors, sampler; the global weights."""
         self.server.model.load_state_dict(state.server_weights)
-        self.server.optimizer.load_state_dict(state.server_optimizer)
+        self.server.load_optimizer_state(state.server_optimizer)
         self.rows = [dict(row) for row in state.history]
         self.cursors = {cid: DataCursor(*cursor) for cid, cursor in state.cursors.items()}
         if state.sampler_state is not None:

@@ -11,7 +11,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from flwr_splitms.data import BatchSource
 from flwr_splitms.devices import resolve_device
 
 NodeT = TypeVar("NodeT")
+LR_SCALE = "lr_scale"  # an optimizer group's share of the step's rate (the output layer's)
 
 
 class UplinkError(ValueError):
@@ -163,16 +164,23 @@ class BlockResult(Generic[NodeT]):
     dropped: dict[NodeT, str]
 
 
-def _num_classes(model: nn.Module) -> int | None:
+def output_layer(model: nn.Module) -> nn.Linear | None:
+    """The model's output layer: its last ``nn.Linear`` (None when it has none)."""
     linear = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linear[-1].out_features if linear else None
+    return linear[-1] if linear else None
+
+
+def _num_classes(model: nn.Module) -> int | None:
+    head = output_layer(model)
+    return head.out_features if head is not None else None
 
 
 class SplitServerCore:
     """The server-side model and optimizer, and one block of SplitFed steps on clients' uploads.
 
     ``num_classes`` bounds the labels a client may send (default: the last ``nn.Linear``'s
-    outputs; no check when the model has none).
+    outputs; no check when the model has none). ``head_lr_scale``: the output layer (that
+    ``nn.Linear``) trains at this share of the rate; see :mod:`flwr_splitms.core.schedule`.
     """
 
     def __init__(
@@ -184,19 +192,54 @@ class SplitServerCore:
         weight_decay: float,
         device: str | torch.device = "cpu",
         num_classes: int | None = None,
+        head_lr_scale: float = 1.0,
     ) -> None:
+        if head_lr_scale < 0:
+            raise ValueError(f"head_lr_scale must be >= 0, got {head_lr_scale}")
         self.device = resolve_device(str(device))
         self.model = model.to(self.device)
+        head = output_layer(self.model)
+        in_head = {id(p) for p in head.parameters()} if head is not None else set()
+        params = list(self.model.parameters())
+        groups = [
+            {"params": [p for p in params if id(p) not in in_head], LR_SCALE: 1.0},
+            {"params": [p for p in params if id(p) in in_head], LR_SCALE: head_lr_scale},
+        ]
         self.optimizer = torch.optim.SGD(
-            self.model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
+            [g for g in groups if g["params"]], lr=lr, momentum=momentum, weight_decay=weight_decay
         )
+        self.set_lr(lr)
         self.num_classes = num_classes if num_classes is not None else _num_classes(model)
         self.sample_shape: tuple[int, ...] | None = None  # activation shape per example
 
+    def load_optimizer_state(self, state: Mapping[str, Any]) -> None:
+        """Adopt a checkpoint's optimizer state (momentum) under this run's rate shares.
+
+        A checkpoint written before the output layer had a group of its own (one group, the
+        parameters in model order) is regrouped.
+        """
+        saved_groups = list(state["param_groups"])
+        if len(saved_groups) == 1 and len(self.optimizer.param_groups) > 1:
+            position = {id(p): i for i, p in enumerate(self.model.parameters())}
+            ours = [position[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+            saved, groups, start = dict(state["state"]), [], 0
+            for group in self.optimizer.param_groups:
+                indices = list(range(start, start + len(group["params"])))
+                groups.append({**saved_groups[0], LR_SCALE: group[LR_SCALE], "params": indices})
+                start += len(indices)
+            state = {
+                "state": {i: saved[old] for i, old in enumerate(ours) if old in saved},
+                "param_groups": groups,
+            }
+        scales = [group.get(LR_SCALE, 1.0) for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(dict(state))
+        for group, scale in zip(self.optimizer.param_groups, scales, strict=True):
+            group[LR_SCALE] = scale  # the run's setting, not the checkpoint's
+
     def set_lr(self, lr: float) -> None:
-        """The learning rate of the next steps."""
+        """The learning rate of the next steps (the output layer's: ``head_lr_scale`` x it)."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get(LR_SCALE, 1.0)
 
     # -- checking what clients sent -----------------------------------------------------------
     def decode_upload(
