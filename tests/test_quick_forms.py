@@ -123,7 +123,8 @@ def _watch(shell: psutil.Process, run: BlockRun) -> None:
         for proc in [shell, *shell.children(recursive=True)]:
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied), proc.oneshot():
                 key = (proc.pid, proc.create_time())
-                run.started.setdefault(key, " ".join(proc.cmdline()[:2]) or proc.name())
+                # the latest command line: a subshell seen before its exec becomes its program
+                run.started[key] = " ".join(proc.cmdline()[:2]) or proc.name()
                 times = proc.cpu_times()
                 run.cpu[key] = times.user + times.system
 
