@@ -4,9 +4,10 @@ The learning-rate rule is the one users of SGD on ResNets know (Goyal et al., 20
 Large Minibatch SGD"): ``lr`` is the rate at a reference batch of :data:`LR_REFERENCE_BATCH`
 examples and scales linearly with the batch size (``lr-scaling="linear"``), and the first
 ``warmup-steps`` steps of a run ramp up to it linearly. The server model's output layer trains
-at ``head-lr-scale`` (0.1) times that rate (applied by the server half's optimizer): at small
-batches its updates shift every logit towards the few classes of each batch, so the loss first
-climbs far above its start. ``lr-scaling="none"`` with ``warmup-steps=0`` and
+at ``head-lr-scale`` (0.1) times that rate (applied by the server half's optimizer): at the
+full rate ResNet18's loss first climbs far above its start, at batch 8 and at 64 alike (the
+output layer's updates push every input's logits towards the current batch's classes).
+``lr-scaling="none"`` with ``warmup-steps=0`` and
 ``head-lr-scale=1`` is the paper's exact setting (lr 0.1 at batch 64).
 """
 
