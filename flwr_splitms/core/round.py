@@ -98,7 +98,6 @@ class RoundPlan:
             ("steps_per_message", 1),
             ("error_every", 1),
             ("warmup_steps", 0),
-            ("head_lr_scale", 0),
             ("eval_batch_size", 1),
             ("budget_every", 1),
             ("budget_sample", 1),
