@@ -11,12 +11,13 @@ shallow, the default) or ``small-cnn`` (``steps_per_message.small_cnn``: the sam
 ReLU cut activations at 1/28 of ResNet18's multiply-adds, for the whole grid on a shared CPU).
 ``--rule`` picks the learning-rate rule: ``default`` (``lr`` 0.1 at batch 64, scaled linearly
 with the batch size, ``warmup-steps`` ramp, the output layer at ``head-lr-scale`` 0.1 of the
-rate) or ``paper`` (``lr-scaling="none"``, ``warmup-steps=0``, ``head-lr-scale=1``: lr 0.1
-whatever the batch, every layer). Columns: the loss at initialisation (the mean
-training loss of round 1's batches at a rate of 1e-12, so over the same batches as round 1 but
-untrained: one batch's loss would be too noisy a reference), each round's mean training loss
-and test accuracy, and whether every round's loss stayed below the initial loss and the
-accuracy rose.
+rate, BatchNorm statistics re-estimated at each round's end) or ``paper``
+(``lr-scaling="none"``, ``warmup-steps=0``, ``head-lr-scale=1``, ``reestimate-bn=false``: lr
+0.1 whatever the batch, every layer, PyTorch's running statistics). Columns: the loss at
+initialisation (the mean training loss of round 1's batches at a rate of 1e-12, so over the
+same batches as round 1 but untrained: one batch's loss would be too noisy a reference), each
+round's mean training loss and test accuracy, and whether every round's loss stayed below the
+initial loss and the accuracy rose.
 
 Other settings to compare against the rule (issue #18's batch-8 target)::
 
@@ -46,7 +47,15 @@ from flwr_splitms.experiment import evaluation_data, num_classes
 from flwr_splitms.local import run_local
 from flwr_splitms.models import split_model
 
-RULES = {"default": {}, "paper": {"lr_scaling": "none", "warmup_steps": 0, "head_lr_scale": 1.0}}
+RULES = {
+    "default": {},
+    "paper": {
+        "lr_scaling": "none",
+        "warmup_steps": 0,
+        "head_lr_scale": 1.0,
+        "reestimate_bn": False,
+    },
+}
 
 
 def run(

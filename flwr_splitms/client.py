@@ -351,7 +351,7 @@ class SplitClient:
         config = _config(msg)
         settings = settings_from_config(config)
         state = self._state(msg, context)
-        core.backward(state, settings, read_gradients(msg.content))
+        core.backward(state, settings, read_gradients(msg.content), round_end=True)
         for key in (STATE_WEIGHTS, STATE_MOMENTUM):  # the next round brings its weights
             if key in context.state:
                 del context.state[key]

@@ -215,7 +215,7 @@ class LocalClients:
         acc: RoundAccumulator,
     ) -> dict[int, ClientEnd[dict[str, torch.Tensor]]]:
         """The last gradients in; each client's weights, example count and cursor out."""
-        self._backward(settings, gradients, acc)
+        self._backward(settings, gradients, acc, round_end=True)
         return {
             c: ClientEnd(
                 client_id=c,
@@ -248,10 +248,12 @@ class LocalClients:
         settings: StepSettings,
         gradients: Mapping[int, Sequence[bytes]],
         acc: RoundAccumulator,
+        *,
+        round_end: bool = False,
     ) -> None:
         slowest = 0.0
         for c in sorted(gradients):
             tic = time.perf_counter()
-            self.cores[c].backward(self.states[c], settings, gradients[c])
+            self.cores[c].backward(self.states[c], settings, gradients[c], round_end=round_end)
             slowest = max(slowest, time.perf_counter() - tic)
         acc.client_seconds += slowest

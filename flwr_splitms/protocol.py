@@ -67,6 +67,7 @@ WARMUP_STEPS = "warmup-steps"
 STEP_OFFSET = "step-offset"  # steps of the run before this round (where the lr warmup stands)
 BUDGET_BITS = "budget-bits"  # codec = "budget": the uplink's bits per element, headers included
 BUDGET_FALLBACK = "budget-fallback"  # the fixed-size setting an over-budget upload is re-encoded in
+REESTIMATE_BN = "reestimate-bn"  # split_end: BatchNorm statistics of the final weights
 BUDGET_SAMPLE = "budget-sample"  # split_probe: rows of a batch the candidates are measured on
 MAX_EXAMPLES = "max-examples"  # federated evaluation: test examples per client (0 = all)
 CURSORS = "cursors"  # split_begin: the server's record of data cursors, [id, epoch, pos, updates]*
@@ -87,6 +88,7 @@ PROTOCOL_KEYS = (
     STEP_OFFSET,
     BUDGET_BITS,
     BUDGET_FALLBACK,
+    REESTIMATE_BN,
     BUDGET_SAMPLE,
     MAX_EXAMPLES,
     CURSORS,
@@ -144,6 +146,7 @@ def settings_to_config(settings: StepSettings) -> ConfigRecord:
             STEP_OFFSET: settings.step_offset,
             BUDGET_BITS: settings.budget_bits,
             BUDGET_FALLBACK: settings.budget_fallback,
+            REESTIMATE_BN: settings.reestimate_bn,
         }
     )
 
@@ -169,6 +172,7 @@ def settings_from_config(config: ConfigRecord) -> StepSettings:
         step_offset=config_int(config, STEP_OFFSET, 0),
         budget_bits=float(config.get(BUDGET_BITS, 0.0)),  # type: ignore[arg-type]
         budget_fallback=str(config.get(BUDGET_FALLBACK, "")),
+        reestimate_bn=bool(config.get(REESTIMATE_BN, False)),
     )
 
 

@@ -85,7 +85,9 @@ class MSSplitStrategy(FedAvg):
         warmup_steps : the run's first steps ramp the rate up linearly (0 = off). head_lr_scale :
         the server model's output layer (its last ``nn.Linear``) trains at this share of the
         rate (1 = the paper). lr_schedule : ``"cosine"``, ``"step"`` or ``"constant"`` over the
-        rounds.
+        rounds. reestimate_bn : at each round's end the server model's BatchNorm statistics
+        become those of its last step's batch under the final weights (evaluation only;
+        False = PyTorch's running averages, as in the paper).
     batch_size, steps_per_round : examples per client and step; steps per round (0 = one epoch
         of the smallest sampled partition). steps_per_message : K steps per round trip (1 = the
         exact algorithm).
@@ -121,6 +123,7 @@ class MSSplitStrategy(FedAvg):
         lr_scaling: str = _DEFAULTS.lr_scaling,
         warmup_steps: int = _DEFAULTS.warmup_steps,
         head_lr_scale: float = _DEFAULTS.head_lr_scale,
+        reestimate_bn: bool = _DEFAULTS.reestimate_bn,
         batch_size: int = _DEFAULTS.batch_size,
         steps_per_round: int = _DEFAULTS.steps_per_round,
         steps_per_message: int = _DEFAULTS.steps_per_message,
@@ -197,11 +200,13 @@ class MSSplitStrategy(FedAvg):
         p = self.plan
         log.info(
             "\t└──> Split: codec %s %s | grad codec %s %s | lr %s at batch 64 (%s, scaling %s, "
-            "warmup %d, output layer x%s) | batch %d | steps/round %s | steps/message %d | "
-            "device %s",
+            "warmup %d, output layer x%s) | BatchNorm statistics %s | batch %d | steps/round %s "
+            "| steps/message %d | device %s",
             *(p.codec_name, dict(p.codec_params), p.grad_codec_name, dict(p.grad_codec_params)),
-            *(p.lr, p.lr_schedule, p.lr_scaling, p.warmup_steps, p.head_lr_scale, p.batch_size),
-            *(p.steps_per_round or "one epoch", p.steps_per_message, self.run.server.device),
+            *(p.lr, p.lr_schedule, p.lr_scaling, p.warmup_steps, p.head_lr_scale),
+            "re-estimated each round" if p.reestimate_bn else "running averages",
+            *(p.batch_size, p.steps_per_round or "one epoch", p.steps_per_message),
+            self.run.server.device,
         )
 
     def configure_train(

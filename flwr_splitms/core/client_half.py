@@ -35,6 +35,7 @@ from flwr_splitms.core.batches import (
 )
 from flwr_splitms.core.budget import CodecChoice, Measurement, fit_to_budget, measure
 from flwr_splitms.core.link import Link, link_for
+from flwr_splitms.core.norm_stats import reestimate_batchnorm
 from flwr_splitms.core.settings import StepSettings
 from flwr_splitms.data import BatchSource
 from flwr_splitms.devices import resolve_device
@@ -278,9 +279,19 @@ class SplitClientCore:
         return measure(activations, budget_bits, sample=sample)
 
     def backward(
-        self, state: ClientState, settings: StepSettings, gradients: Sequence[bytes]
+        self,
+        state: ClientState,
+        settings: StepSettings,
+        gradients: Sequence[bytes],
+        *,
+        round_end: bool = False,
     ) -> None:
-        """Apply the server's gradients (downlink bytes, one per pending batch) in order."""
+        """Apply the server's gradients (downlink bytes, one per pending batch) in order.
+
+        At the ``round_end`` with ``settings.reestimate_bn``, the BatchNorm statistics then
+        become those of the block's batches under the final weights (the server does the same
+        for its half), so that evaluation normalises as training did.
+        """
         if not state.pending:
             raise ValueError(
                 f"client {self.client_id} got a gradient but has no pending batch; the "
@@ -320,6 +331,10 @@ class SplitClientCore:
             )
         lrs = [settings.lr_at(key.step) for key in state.pending]
         self._sgd(state, settings, params, updates, lrs)
+        if round_end and settings.reestimate_bn:
+            inputs = [self._inputs(settings, key)[0] for key in state.pending]
+            with self._model_rng(settings, state.pending[-1]):
+                reestimate_batchnorm(self.model, inputs)
         state.updates += len(state.pending)
         state.pending = []
         self._save(state)

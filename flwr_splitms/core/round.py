@@ -70,6 +70,7 @@ class RoundPlan:
     lr_scaling: str
     warmup_steps: int
     head_lr_scale: float
+    reestimate_bn: bool
     batch_size: int
     steps_per_round: int
     steps_per_message: int
@@ -146,6 +147,7 @@ class RoundPlan:
             error_every=self.error_every,
             warmup_steps=self.warmup_steps if train else 0,
             step_offset=step_offset,
+            reestimate_bn=self.reestimate_bn and train,
         )
 
 
@@ -249,6 +251,7 @@ class SplitRun:
             device=device,
             num_classes=num_classes,
             head_lr_scale=plan.head_lr_scale,
+            reestimate_bn=plan.reestimate_bn,
         )
         return cls(server, plan, label=label)
 
@@ -331,7 +334,8 @@ class SplitRun:
         step = 0
         for index, count in enumerate(blocks):
             chooser = functools.partial(self._grads, server_round) if choose_grads else None
-            gradients = self._block(link, settings, uploads, step, count, acc, chooser)
+            last = index == len(blocks) - 1
+            gradients = self._block(link, settings, uploads, step, count, acc, chooser, last)
             if chooser is not None:  # the gradients' new codec, from the next message on
                 settings, choose_grads = self.settings(server_round, num_rounds), False
                 link = link_for(settings)
@@ -402,13 +406,26 @@ class SplitRun:
         count: int,
         acc: RoundAccumulator,
         choose_downlink: Callable[[list[torch.Tensor]], Link] | None = None,
+        last: bool = False,
     ) -> dict[NodeT, list[bytes]]:
-        """The server's steps on a block of uploads; the gradients to send back, counted."""
+        """The server's steps on a block of uploads; the gradients to send back, counted.
+
+        After the round's ``last`` block the server's BatchNorm statistics are re-estimated
+        (``reestimate-bn``), so that evaluation uses the statistics of the weights it scores.
+        """
         for upload in uploads.values():
             acc.uplink(upload)
         tic = time.perf_counter()
         try:
-            block = self.server.run_block(link, settings, uploads, step, count, choose_downlink)
+            block = self.server.run_block(
+                link,
+                settings,
+                uploads,
+                step,
+                count,
+                choose_downlink,
+                round_end=last,
+            )
         except (ValueError, RuntimeError) as err:  # gradients that overflowed
             self.guard.check_error(err, acc.server_round, step, settings.lr_at(step))
             raise

@@ -7,8 +7,9 @@ examples and scales linearly with the batch size (``lr-scaling="linear"``), and 
 at ``head-lr-scale`` (0.1) times that rate (applied by the server half's optimizer): at the
 full rate ResNet18's loss first climbs far above its start, at batch 8 and at 64 alike (the
 output layer's updates push every input's logits towards the current batch's classes).
-``lr-scaling="none"`` with ``warmup-steps=0`` and
-``head-lr-scale=1`` is the paper's exact setting (lr 0.1 at batch 64).
+``lr-scaling="none"`` with ``warmup-steps=0`` and ``head-lr-scale=1`` is the paper's exact
+setting (lr 0.1 at batch 64); its evaluation also used PyTorch's running BatchNorm statistics
+(``reestimate-bn=false``, :mod:`~flwr_splitms.core.norm_stats`).
 """
 
 from __future__ import annotations

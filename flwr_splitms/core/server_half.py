@@ -8,7 +8,7 @@ client whose upload is unusable before the model is stepped on it.
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -21,6 +21,7 @@ from flwr_splitms.codecs import Codec, Payload, PayloadError
 from flwr_splitms.core.batches import grad_codec_generator, replayed_rng
 from flwr_splitms.core.client_half import EncodedBatch
 from flwr_splitms.core.link import Link
+from flwr_splitms.core.norm_stats import NORM_EXAMPLES, reestimate_batchnorm
 from flwr_splitms.core.settings import StepSettings
 from flwr_splitms.data import BatchSource
 from flwr_splitms.devices import resolve_device
@@ -193,6 +194,7 @@ class SplitServerCore:
         device: str | torch.device = "cpu",
         num_classes: int | None = None,
         head_lr_scale: float = 1.0,
+        reestimate_bn: bool = False,
     ) -> None:
         if head_lr_scale < 0:
             raise ValueError(f"head_lr_scale must be >= 0, got {head_lr_scale}")
@@ -211,6 +213,8 @@ class SplitServerCore:
         self.set_lr(lr)
         self.num_classes = num_classes if num_classes is not None else _num_classes(model)
         self.sample_shape: tuple[int, ...] | None = None  # activation shape per example
+        self.reestimate_bn = reestimate_bn
+        self.recent: deque[list[torch.Tensor]] = deque()  # the latest steps' decoded inputs
 
     def load_optimizer_state(self, state: Mapping[str, Any]) -> None:
         """Adopt a checkpoint's optimizer state (momentum) under this run's rate shares.
@@ -319,13 +323,21 @@ class SplitServerCore:
         first_step: int,
         batches: int,
         choose_downlink: Callable[[list[torch.Tensor]], Link] | None = None,
+        *,
+        round_end: bool = False,
     ) -> BlockResult[NodeT]:
         """The ``batches`` server steps of one block, in order, on the usable uploads.
 
         Clients are concatenated in client-id order. Returns each client's downlink bytes.
         ``choose_downlink`` (a byte budget for the gradients) gets the first step's raw
         gradients and returns the link whose downlink codec encodes the block's gradients.
+        ``round_end`` (a round's last block), when the core re-estimates BatchNorm
+        (``reestimate_bn``): afterwards the statistics become those of the round's latest
+        steps' joint batches (at least :data:`NORM_EXAMPLES` examples, or the round) under the
+        final weights (:func:`reestimate_batchnorm`).
         """
+        if first_step == 0:
+            self.recent.clear()
         decoded, dropped = self._decode_block(link, uploads, batches)
         order = sorted(decoded, key=lambda node: uploads[node].client_id)
         gradients: dict[NodeT, list[bytes]] = {node: [] for node in order}
@@ -343,6 +355,8 @@ class SplitServerCore:
                     [decoded[n].labels[j] for n in order],
                 )
             losses.append(outcome.loss)
+            if self.reestimate_bn:
+                self._keep([decoded[n].activations[j] for n in order])
             if choose_downlink is not None and j == 0:
                 link = choose_downlink(outcome.gradients)
             for node, gradient in zip(order, outcome.gradients, strict=True):
@@ -352,7 +366,19 @@ class SplitServerCore:
                 gradients[node].append(
                     link.downlink.encode(gradient, support=decoded[node].supports[j], generator=rng)
                 )
+        if round_end and self.reestimate_bn:
+            reestimate_batchnorm(self.model, [torch.cat(step).float() for step in self.recent])
+            self.recent.clear()
         return BlockResult(gradients, losses, dropped)
+
+    def _keep(self, step: list[torch.Tensor]) -> None:
+        """Keep a step's inputs for the round-end statistics: the latest NORM_EXAMPLES' worth."""
+        self.recent.append(step)
+        while len(self.recent) > 1 and sum(len(a) for a in self.recent[0]) <= self._surplus():
+            self.recent.popleft()
+
+    def _surplus(self) -> int:
+        return sum(len(a) for step in self.recent for a in step) - NORM_EXAMPLES
 
     @torch.no_grad()
     def score_uploads(self, link: Link, uploads: Sequence[ClientUpload]) -> dict[str, float]:

@@ -15,7 +15,8 @@ class StepSettings:
     ``codec_*`` is the uplink codec of the activations, ``grad_codec_*`` the downlink codec of the
     gradients; ``error_every`` = N measures the compression error on every N-th step only.
     ``lr`` is the round's rate (schedule and batch scaling applied); :meth:`lr_at` adds the
-    run's warmup over its first ``warmup_steps`` steps.
+    run's warmup over its first ``warmup_steps`` steps. ``reestimate_bn``: at the round's end
+    a client sets its BatchNorm statistics to those of its last batches under its final weights.
     """
 
     server_round: int
@@ -34,6 +35,7 @@ class StepSettings:
     step_offset: int = 0  # steps the run took before this round (where the warmup stands)
     budget_bits: float = 0.0  # codec = "budget": no upload may exceed this many bits per element
     budget_fallback: str = ""  # ... else it is re-encoded with this fixed-size setting (a label)
+    reestimate_bn: bool = False  # round end: BatchNorm statistics of the final weights
 
     def lr_at(self, step: int) -> float:
         """Learning rate of the round's ``step`` (0-based): ``lr`` after the run's warmup."""

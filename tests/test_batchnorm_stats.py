@@ -1,0 +1,114 @@
+"""The server half's BatchNorm statistics, re-estimated at each round's end (``reestimate-bn``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from flwr_splitms.config import SplitConfig
+from flwr_splitms.core.norm_stats import NORM_EXAMPLES, reestimate_batchnorm
+from flwr_splitms.core.server_half import SplitServerCore
+from flwr_splitms.local import run_local
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.BatchNorm2d(4)
+    )
+
+
+def test_the_statistics_become_the_batchs_under_the_weights_now() -> None:
+    net = _net()
+    net.eval()
+    inputs = torch.randn(6, 3, 8, 8) * 3 + 1
+    weights = {k: v.clone() for k, v in net.named_parameters()}
+    tracked = net[1].num_batches_tracked.clone()
+    rng = torch.get_rng_state()
+
+    reestimate_batchnorm(net, [inputs])
+
+    features = net[0](inputs)
+    assert torch.allclose(net[1].running_mean, features.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(net[1].running_var, features.var((0, 2, 3)), atol=1e-4)
+    assert net[1].momentum == 0.1 and torch.equal(net[1].num_batches_tracked, tracked)
+    assert not net.training  # the mode it was in
+    assert torch.equal(torch.get_rng_state(), rng)  # the dropout's draws left no trace
+    assert all(torch.equal(p, weights[k]) for k, p in net.named_parameters())
+
+
+def test_several_batches_give_the_mean_of_their_statistics() -> None:
+    net = nn.Sequential(nn.BatchNorm1d(3))
+    first, second = torch.randn(5, 3), torch.randn(7, 3) + 2
+    reestimate_batchnorm(net, [first, second])
+    assert torch.allclose(net[0].running_mean, (first.mean(0) + second.mean(0)) / 2)
+    assert torch.allclose(net[0].running_var, (first.var(0) + second.var(0)) / 2)
+
+
+def test_the_server_keeps_the_latest_steps_that_hold_enough_examples() -> None:
+    core = SplitServerCore(nn.Linear(3, 2), lr=0.1, momentum=0.0, weight_decay=0.0)
+    core.reestimate_bn = True
+    steps = [[torch.zeros(n, 3), torch.zeros(n, 3)] for n in (100, 40, 60, 30, 10)]
+    for step in steps:
+        core._keep(step)
+    assert NORM_EXAMPLES == 256
+    # 2 x (40 + 60 + 30 + 10) = 280 >= 256; without the 40s, 200 would be too few
+    assert list(core.recent) == steps[1:]
+
+
+def test_a_model_without_batchnorm_is_left_alone() -> None:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    reestimate_batchnorm(net, [torch.randn(4, 3, 2, 2)])
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_training_is_the_same_with_and_without_it(tiny_config: SplitConfig) -> None:
+    """Only the running statistics of both halves differ: losses, bytes and weights are equal."""
+    on = run_local(tiny_config, 2)
+    off = run_local(tiny_config.replace(reestimate_bn=False), 2)
+    training = ["train_loss", "uplink_bytes", "downlink_bytes"]
+    assert on.history[training].equals(off.history[training])
+    for on_half, off_half in (
+        (on.client_weights, off.client_weights),
+        (on.server_weights, off.server_weights),
+    ):
+        stats = [k for k in on_half if "running_" in k]
+        assert stats
+        for name, value in on_half.items():
+            assert torch.equal(value, off_half[name]) != (name in stats), name
+
+
+def test_the_key_reaches_the_flower_strategy() -> None:
+    from flwr_splitms.strategy import MSSplitStrategy
+
+    assert SplitConfig().reestimate_bn
+    config = SplitConfig.from_run_config({"reestimate-bn": False})
+    strategy = MSSplitStrategy.from_config(config, nn.Sequential(nn.Flatten(), nn.Linear(8, 10)))
+    assert strategy.plan.reestimate_bn is False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("codec", ["none", "ms"])
+def test_default_settings_learn_in_thirty_steps_at_batch_16(codec: str, tmp_path: Path) -> None:
+    """Issue 18's set-up: local engine, synthetic 10 classes, 2 clients, 3 x 10 steps, no lr.
+
+    Measured here: 34 % for both codecs (26 % and 23 % with ``reestimate-bn=false``). Batch 8
+    is not tested: 22-34 % over seeds, at or below 25 % for some (docs/measurements.md 5.5).
+    """
+    config = SplitConfig(
+        dataset="synthetic",
+        data_root=str(tmp_path),
+        data_download=False,
+        num_classes=10,
+        num_server_rounds=3,
+        steps_per_round=10,
+        batch_size=16,
+        codec=codec,
+    )
+    history = run_local(config, 2).history
+    assert history["train_loss"].is_monotonic_decreasing
+    assert history["test_accuracy"].iloc[-1] >= 0.28
