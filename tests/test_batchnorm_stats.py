@@ -51,12 +51,16 @@ def test_several_batches_give_the_mean_of_their_statistics() -> None:
 def test_the_server_keeps_the_latest_steps_that_hold_enough_examples() -> None:
     core = SplitServerCore(nn.Linear(3, 2), lr=0.1, momentum=0.0, weight_decay=0.0)
     core.reestimate_bn = True
-    steps = [[torch.zeros(n, 3), torch.zeros(n, 3)] for n in (100, 40, 60, 30, 10)]
-    for step in steps:
-        core._keep(step)
+    for n in (100, 40, 60, 30, 10):
+        core._keep([torch.full((n, 3), float(n)), torch.full((n, 3), float(n))])
     assert NORM_EXAMPLES == 256
     # 2 x (40 + 60 + 30 + 10) = 280 >= 256; without the 40s, 200 would be too few
-    assert list(core.recent) == steps[1:]
+    assert [len(step[0]) for step in core.recent] == [40, 60, 30, 10]
+    # many clients: a few rows of each, copied (not views of the decoded batches)
+    batch = [torch.zeros(64, 3) for _ in range(100)]
+    core._keep(batch)
+    assert [len(a) for a in core.recent[-1]] == [3] * 100
+    assert core.recent[-1][0].untyped_storage().data_ptr() != batch[0].untyped_storage().data_ptr()
 
 
 def test_a_model_without_batchnorm_is_left_alone() -> None:

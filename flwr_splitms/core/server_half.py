@@ -372,8 +372,13 @@ class SplitServerCore:
         return BlockResult(gradients, losses, dropped)
 
     def _keep(self, step: list[torch.Tensor]) -> None:
-        """Keep a step's inputs for the round-end statistics: the latest NORM_EXAMPLES' worth."""
-        self.recent.append(step)
+        """Keep a step's inputs for the round-end statistics: the latest NORM_EXAMPLES' worth.
+
+        Of each client's batch, the first NORM_EXAMPLES / clients rows (at least one), copied,
+        so that a step of many clients keeps little and frees its decoded activations.
+        """
+        rows = max(1, math.ceil(NORM_EXAMPLES / max(len(step), 1)))
+        self.recent.append([a[:rows].clone() for a in step])
         while len(self.recent) > 1 and sum(len(a) for a in self.recent[0]) <= self._surplus():
             self.recent.popleft()
 
