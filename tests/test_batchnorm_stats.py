@@ -1,16 +1,23 @@
-"""The server half's BatchNorm statistics, re-estimated at each round's end (``reestimate-bn``)."""
+"""BatchNorm statistics of both halves, re-estimated at each round's end (``reestimate-bn``)."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from flwr_splitms import protocol as P
+from flwr_splitms.codecs.downlink import get_grad_codec
 from flwr_splitms.config import SplitConfig
+from flwr_splitms.core import SplitClientCore
+from flwr_splitms.core.batches import augment_generator, batch_positions
 from flwr_splitms.core.norm_stats import NORM_EXAMPLES, reestimate_batchnorm
+from flwr_splitms.core.round import RoundPlan
 from flwr_splitms.core.server_half import SplitServerCore
+from flwr_splitms.experiment import build_split_model, client_data
 from flwr_splitms.local import run_local
 
 
@@ -84,6 +91,34 @@ def test_training_is_the_same_with_and_without_it(tiny_config: SplitConfig) -> N
         assert stats
         for name, value in on_half.items():
             assert torch.equal(value, off_half[name]) != (name in stats), name
+
+
+@pytest.mark.parametrize("keep_graph", [True, False])
+def test_a_client_ends_its_round_with_the_statistics_of_its_final_weights(
+    tiny_config: SplitConfig, keep_graph: bool
+) -> None:
+    """Live graph or a fresh process per message: the last batch under the final weights."""
+    client_net, _ = build_split_model(tiny_config)
+    train, _ = client_data(tiny_config, 0, 2)
+    step = RoundPlan.from_config(tiny_config).settings(1)  # the run's: reestimate_bn on
+    assert step.reestimate_bn
+    assert P.settings_from_config(P.settings_to_config(step)) == step  # it travels
+    core = SplitClientCore(copy.deepcopy(client_net), train, client_id=0, keep_graph=keep_graph)
+    state = core.start_round(client_net.state_dict(), None)
+    batches = core.forward(state, step, [0])
+    gradient = get_grad_codec("none").encode(torch.randn(tiny_config.batch_size, 64, 32, 32))
+    core.backward(state, step, [gradient], round_end=True)
+
+    reference = copy.deepcopy(client_net)
+    reference.load_state_dict(state.weights)
+    positions = batch_positions(len(train), step.batch_size, step.seed, 0, 0, 0)
+    x, y = train.batch(positions, augment=True, generator=augment_generator(step.seed, 0, 1, 0))
+    assert torch.equal(y, batches[0].labels)
+    reestimate_batchnorm(reference, [x])
+    stats = [k for k in state.weights if "running_" in k]
+    assert stats and all(torch.equal(state.weights[k], reference.state_dict()[k]) for k in stats)
+    tracked = [v for k, v in state.weights.items() if k.endswith("num_batches_tracked")]
+    assert tracked and all(int(t) == 1 for t in tracked)  # the count of training batches
 
 
 def test_the_key_reaches_the_flower_strategy() -> None:
