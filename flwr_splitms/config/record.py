@@ -148,7 +148,7 @@ class _Settings:
     lr_scaling: str = _setting("linear", Choices(lambda: LR_SCALINGS, "lr scaling"))
     warmup_steps: int = _setting(WARMUP_STEPS, COUNT)  # linear lr ramp over the run's first steps
     head_lr_scale: float = _setting(HEAD_LR_SCALE, Range(0))  # the output layer's share of lr
-    reestimate_bn: bool = True  # server BatchNorm statistics of each round's final weights
+    reestimate_bn: bool = True  # round end: both halves' BatchNorm statistics of their weights
     augment: bool = True
     seed: int = _setting(42, COUNT)
     device: str = _setting("auto", _Device())
