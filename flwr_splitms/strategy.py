@@ -81,7 +81,8 @@ class MSSplitStrategy(FedAvg):
         None = the codec's defaults. grad_codec, grad_codec_params : the same for the gradients
         sent back (``"none"``: raw, as in the paper).
     lr, momentum, weight_decay : SGD of both halves. lr_scaling : ``"linear"``: ``lr`` is the rate
-        at a batch of 64, scaled with ``batch_size``; ``"none"``: as given (the paper).
+        at a batch of 64, scaled with ``batch_size``; ``"sqrt"``: with its square root;
+        ``"none"``: as given (the paper).
         warmup_steps : the run's first steps ramp the rate up linearly (0 = off). head_lr_scale :
         the server model's output layer (its last ``nn.Linear``) trains at this share of the
         rate (1 = the paper). lr_schedule : ``"cosine"``, ``"step"`` or ``"constant"`` over the

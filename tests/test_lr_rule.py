@@ -24,8 +24,10 @@ def test_lr_is_the_rate_at_batch_64_and_scales_linearly() -> None:
     assert scaled_lr(0.1, 16, "linear") == pytest.approx(0.025)
     assert scaled_lr(0.1, 256, "linear") == pytest.approx(0.4)
     assert scaled_lr(0.1, 16, "none") == 0.1  # the paper's setting
-    with pytest.raises(ValueError, match="unknown lr scaling 'sqrt'; choose one of"):
-        scaled_lr(0.1, 16, "sqrt")
+    assert scaled_lr(0.1, 16, "sqrt") == pytest.approx(0.05)  # the square-root rule
+    assert scaled_lr(0.1, 256, "sqrt") == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="unknown lr scaling 'cubic'; choose one of"):
+        scaled_lr(0.1, 16, "cubic")
 
 
 def test_warmup_ramps_linearly_over_the_runs_first_steps() -> None:

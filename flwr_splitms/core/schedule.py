@@ -2,7 +2,8 @@
 
 The learning-rate rule is the one users of SGD on ResNets know (Goyal et al., 2017, "Accurate,
 Large Minibatch SGD"): ``lr`` is the rate at a reference batch of :data:`LR_REFERENCE_BATCH`
-examples and scales linearly with the batch size (``lr-scaling="linear"``), and the first
+examples and scales linearly with the batch size (``lr-scaling="linear"``; ``"sqrt"``: with its
+square root, a larger rate below batch 64 and a smaller one above), and the first
 ``warmup-steps`` steps of a run ramp up to it linearly. The server model's output layer trains
 at ``head-lr-scale`` (0.1) times that rate (applied by the server half's optimizer): at the
 full rate ResNet18's loss first climbs far above its start, at batch 8 and at 64 alike (the
@@ -17,7 +18,7 @@ from __future__ import annotations
 import math
 
 LR_SCHEDULES = ("constant", "cosine", "step")
-LR_SCALINGS = ("linear", "none")
+LR_SCALINGS = ("linear", "sqrt", "none")
 LR_REFERENCE_BATCH = 64
 """Batch size at which ``lr`` is taken as given (the paper's batch)."""
 
@@ -28,6 +29,8 @@ def scaled_lr(lr: float, batch_size: int, scaling: str) -> float:
         raise ValueError(f"unknown lr scaling {scaling!r}; choose one of {LR_SCALINGS}")
     if scaling == "linear":
         return lr * batch_size / LR_REFERENCE_BATCH
+    if scaling == "sqrt":  # Krizhevsky (2014), Hoffer et al. (2017): the gradient noise's scale
+        return lr * math.sqrt(batch_size / LR_REFERENCE_BATCH)
     return lr
 
 
