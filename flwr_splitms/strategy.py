@@ -86,9 +86,9 @@ class MSSplitStrategy(FedAvg):
         warmup_steps : the run's first steps ramp the rate up linearly (0 = off). head_lr_scale :
         the server model's output layer (its last ``nn.Linear``) trains at this share of the
         rate (1 = the paper). lr_schedule : ``"cosine"``, ``"step"`` or ``"constant"`` over the
-        rounds. reestimate_bn : at each round's end the server model's BatchNorm statistics
-        become those of its last step's batch under the final weights (evaluation only;
-        False = PyTorch's running averages, as in the paper).
+        rounds. reestimate_bn : at each round's end both halves' BatchNorm statistics become
+        those of their latest batches under the final weights (evaluation only; False =
+        PyTorch's running averages, as in the paper).
     batch_size, steps_per_round : examples per client and step; steps per round (0 = one epoch
         of the smallest sampled partition). steps_per_message : K steps per round trip (1 = the
         exact algorithm).

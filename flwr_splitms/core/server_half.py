@@ -377,13 +377,11 @@ class SplitServerCore:
         Of each client's batch, the first NORM_EXAMPLES / clients rows (at least one), copied,
         so that a step of many clients keeps little and frees its decoded activations.
         """
-        rows = max(1, math.ceil(NORM_EXAMPLES / max(len(step), 1)))
+        rows = math.ceil(NORM_EXAMPLES / len(step))  # a step has at least one client
         self.recent.append([a[:rows].clone() for a in step])
-        while len(self.recent) > 1 and sum(len(a) for a in self.recent[0]) <= self._surplus():
-            self.recent.popleft()
-
-    def _surplus(self) -> int:
-        return sum(len(a) for step in self.recent for a in step) - NORM_EXAMPLES
+        kept = sum(len(a) for inputs in self.recent for a in inputs)
+        while len(self.recent) > 1 and kept - sum(map(len, self.recent[0])) >= NORM_EXAMPLES:
+            kept -= sum(map(len, self.recent.popleft()))
 
     @torch.no_grad()
     def score_uploads(self, link: Link, uploads: Sequence[ClientUpload]) -> dict[str, float]:
