@@ -9,9 +9,9 @@ Each run is the local engine on the offline synthetic set (10 classes), MS 0.99/
 ``--rounds`` x ``--steps`` steps, the run-config defaults otherwise; ``--arch resnet18`` (cut
 shallow, the default) or ``small-cnn`` (``steps_per_message.small_cnn``: the same kind of 32x32
 ReLU cut activations at 1/28 of ResNet18's multiply-adds, for the whole grid on a shared CPU).
-``--rule`` picks the learning-rate rule: ``default`` (``lr`` 0.1 at batch 64, scaled linearly
-with the batch size, ``warmup-steps`` ramp, the output layer at ``head-lr-scale`` 0.1 of the
-rate, BatchNorm statistics re-estimated at each round's end) or ``paper``
+``--rule`` picks the learning-rate rule: ``default`` (``lr`` 0.1 at batch 64, scaled with the
+square root of the batch size, ``warmup-steps`` ramp, the output layer at ``head-lr-scale`` 0.1
+of the rate, BatchNorm statistics re-estimated at each round's end) or ``paper``
 (``lr-scaling="none"``, ``warmup-steps=0``, ``head-lr-scale=1``, ``reestimate-bn=false``: lr
 0.1 whatever the batch, every layer, PyTorch's running statistics). Columns: the loss at
 initialisation (the mean training loss of round 1's batches at a rate of 1e-12, so over the

@@ -35,6 +35,7 @@ from flwr_splitms.codecs import Codec
 from flwr_splitms.config import SplitConfig
 from flwr_splitms.core.link import link_for
 from flwr_splitms.core.round import RoundPlan, SplitRun, codec_params_of, with_scores
+from flwr_splitms.core.schedule import scaled_lr
 from flwr_splitms.data import BatchSource
 from flwr_splitms.evaluation import central_evaluator, evaluation_content, score_replies
 from flwr_splitms.history import HISTORY_COLUMNS
@@ -80,9 +81,9 @@ class MSSplitStrategy(FedAvg):
     codec, codec_params : uplink codec of the activations and its parameters (``codec-*``);
         None = the codec's defaults. grad_codec, grad_codec_params : the same for the gradients
         sent back (``"none"``: raw, as in the paper).
-    lr, momentum, weight_decay : SGD of both halves. lr_scaling : ``"linear"``: ``lr`` is the rate
-        at a batch of 64, scaled with ``batch_size``; ``"sqrt"``: with its square root;
-        ``"none"``: as given (the paper).
+    lr, momentum, weight_decay : SGD of both halves. lr_scaling : ``"sqrt"``: ``lr`` is the rate
+        at a batch of 64, scaled with the square root of ``batch_size``; ``"linear"``: with
+        ``batch_size`` itself; ``"none"``: as given (the paper).
         warmup_steps : the run's first steps ramp the rate up linearly (0 = off). head_lr_scale :
         the server model's output layer (its last ``nn.Linear``) trains at this share of the
         rate (1 = the paper). lr_schedule : ``"cosine"``, ``"step"`` or ``"constant"`` over the
@@ -200,11 +201,12 @@ class MSSplitStrategy(FedAvg):
         log.info("\t└──> Aggregator: %s", type(self.aggregator).__name__)
         p = self.plan
         log.info(
-            "\t└──> Split: codec %s %s | grad codec %s %s | lr %s at batch 64 (%s, scaling %s, "
-            "warmup %d, output layer x%s) | BatchNorm statistics %s | batch %d | steps/round %s "
-            "| steps/message %d | device %s",
+            "\t└──> Split: codec %s %s | grad codec %s %s | lr %s at batch 64, %.4g at batch %d "
+            "(%s scaling, %s, warmup %d, output layer x%s) | BatchNorm statistics %s | batch %d "
+            "| steps/round %s | steps/message %d | device %s",
             *(p.codec_name, dict(p.codec_params), p.grad_codec_name, dict(p.grad_codec_params)),
-            *(p.lr, p.lr_schedule, p.lr_scaling, p.warmup_steps, p.head_lr_scale),
+            *(p.lr, scaled_lr(p.lr, p.batch_size, p.lr_scaling), p.batch_size, p.lr_scaling),
+            *(p.lr_schedule, p.warmup_steps, p.head_lr_scale),
             "re-estimated each round" if p.reestimate_bn else "running averages",
             *(p.batch_size, p.steps_per_round or "one epoch", p.steps_per_message),
             self.run.server.device,

@@ -131,12 +131,16 @@ def test_the_key_reaches_the_flower_strategy() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("batch", "least"), [(8, 0.25), (16, 0.30)])
 @pytest.mark.parametrize("codec", ["none", "ms"])
-def test_default_settings_learn_in_thirty_steps_at_batch_16(codec: str, tmp_path: Path) -> None:
+def test_default_settings_learn_in_thirty_steps(
+    codec: str, batch: int, least: float, tmp_path: Path
+) -> None:
     """Issue 18's set-up: local engine, synthetic 10 classes, 2 clients, 3 x 10 steps, no lr.
 
-    Measured here: 34 % for both codecs (26 % and 23 % with ``reestimate-bn=false``). Batch 8
-    is not tested: 22-34 % over seeds, at or below 25 % for some (docs/measurements.md 5.5).
+    Measured at the default seed (docs/measurements.md 5.6): 30 % (MS) and 35 % (``none``) at
+    batch 8, 44 % and 42 % at batch 16. Under ``lr-scaling="linear"`` batch 8 ended at 23 % and
+    27 %; with ``reestimate-bn=false`` batch 16 at 23 % and 26 %.
     """
     config = SplitConfig(
         dataset="synthetic",
@@ -145,9 +149,9 @@ def test_default_settings_learn_in_thirty_steps_at_batch_16(codec: str, tmp_path
         num_classes=10,
         num_server_rounds=3,
         steps_per_round=10,
-        batch_size=16,
+        batch_size=batch,
         codec=codec,
     )
     history = run_local(config, 2).history
     assert history["train_loss"].is_monotonic_decreasing
-    assert history["test_accuracy"].iloc[-1] >= 0.28
+    assert history["test_accuracy"].iloc[-1] >= least

@@ -257,4 +257,4 @@ def test_digits_study_file_runs_every_policy_on_digits() -> None:
     # budget.toml's number is what MS costs at the deep cut and batch 16 (tests/test_budget.py)
     budget = [c for c in configs if c.codec == "budget"]
     assert {(c.cut, c.batch_size, c.budget_bits) for c in budget} == {("deep", 16, 2.3222)}
-    assert {c.lr_scaling for c in configs} == {"linear"}  # the default rule, not the paper's
+    assert {c.lr_scaling for c in configs} == {"linear"}  # what the recorded results used

@@ -1,4 +1,4 @@
-"""The learning-rate rule (linear batch scaling, warmup) and the divergence guard."""
+"""The learning-rate rule (batch scaling, warmup, output-layer share) and the divergence guard."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from flwr_splitms.experiment import build_split_model
 from flwr_splitms.local import run_local
 
 
-def test_lr_is_the_rate_at_batch_64_and_scales_linearly() -> None:
+def test_lr_is_the_rate_at_batch_64_and_scales_with_the_batch() -> None:
     assert LR_REFERENCE_BATCH == 64
     assert scaled_lr(0.1, 64, "linear") == pytest.approx(0.1)
     assert scaled_lr(0.1, 16, "linear") == pytest.approx(0.025)
@@ -33,7 +33,8 @@ def test_lr_is_the_rate_at_batch_64_and_scales_linearly() -> None:
 def test_warmup_ramps_linearly_over_the_runs_first_steps() -> None:
     assert [warmup_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert warmup_factor(0, 0) == 1.0
-    plan = RoundPlan.from_config(SplitConfig(batch_size=32, warmup_steps=4, lr_schedule="constant"))
+    settings = {"lr_scaling": "linear", "warmup_steps": 4, "lr_schedule": "constant"}
+    plan = RoundPlan.from_config(SplitConfig(batch_size=32, **settings))
     late = plan.settings(2, 3, step_offset=3)  # the second round starts at the run's 4th step
     assert late.lr == pytest.approx(0.05)
     assert [late.lr_at(s) for s in (0, 1)] == pytest.approx([0.05, 0.05])
@@ -43,7 +44,9 @@ def test_warmup_ramps_linearly_over_the_runs_first_steps() -> None:
 
 def test_the_config_defaults_and_the_papers_switch() -> None:
     config = SplitConfig()
-    assert (config.lr, config.lr_scaling, config.warmup_steps) == (0.1, "linear", 10)
+    assert (config.lr, config.lr_scaling, config.warmup_steps) == (0.1, "sqrt", 10)
+    at_16 = RoundPlan.from_config(config.replace(batch_size=16))
+    assert at_16.round_lr(1, 1) == pytest.approx(0.05)  # the square-root rule
     assert config.head_lr_scale == 0.1
     paper = SplitConfig(lr_scaling="none", warmup_steps=0, head_lr_scale=1, batch_size=8)
     assert RoundPlan.from_config(paper).round_lr(1, 1) == 0.1

@@ -225,10 +225,15 @@ def test_study(tmp_path: Path) -> None:
 
 
 def test_the_readme_shows_the_same_quick_forms() -> None:
-    """The README's copies of the quick forms are the blocks this file runs."""
+    """The README's copies of the quick forms are the blocks this file runs, with their ranges."""
     readme = (ROOT / "README.md").read_text()
     for name in ("offline", "deployment", "study"):
         pattern = rf"<!-- quick form: {name} -->\s*```bash\n(.*?)```"
         in_readme = re.search(pattern, readme, re.S)
         assert in_readme, f"README lost its quick form {name!r}"
         assert in_readme.group(1) == re.search(pattern, DOC.read_text(), re.S).group(1)  # type: ignore[union-attr]
+        form = quick_form(name)
+        after = readme[in_readme.end() :].split("<!-- quick form", 1)[0]
+        stated = re.search(r"accuracy is between (\d+\.\d+) and (\d+\.\d+)", after)
+        assert stated, f"README states no range after its quick form {name!r}"
+        assert (float(stated[1]), float(stated[2])) == (form.low, form.high), name

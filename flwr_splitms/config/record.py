@@ -145,7 +145,7 @@ class _Settings:
     momentum: float = _setting(0.9, Range(0, 1, high_open=True))
     weight_decay: float = _setting(5e-4, Range(0))
     lr_schedule: str = _setting("cosine", Choices(lambda: LR_SCHEDULES, "lr schedule"))
-    lr_scaling: str = _setting("linear", Choices(lambda: LR_SCALINGS, "lr scaling"))
+    lr_scaling: str = _setting("sqrt", Choices(lambda: LR_SCALINGS, "lr scaling"))
     warmup_steps: int = _setting(WARMUP_STEPS, COUNT)  # linear lr ramp over the run's first steps
     head_lr_scale: float = _setting(HEAD_LR_SCALE, Range(0))  # the output layer's share of lr
     reestimate_bn: bool = True  # round end: both halves' BatchNorm statistics of their weights

@@ -45,8 +45,8 @@ class DivergenceGuard:
                 facts = self._facts(server_round, first_step + j, lr)
                 line = (
                     f"Training diverged: the loss is {loss} at {facts}. "
-                    'Fix: lower lr (with lr-scaling="linear" lr is the rate at batch 64 and is '
-                    "scaled by batch-size/64), or raise warmup-steps"
+                    "Fix: lower lr (it is the rate at batch 64, scaled to batch-size by "
+                    "lr-scaling), or raise warmup-steps"
                 )
                 log.error("%s", line)
                 raise DivergenceError(line)

@@ -59,7 +59,7 @@ ReplyT = TypeVar("ReplyT")
 class RoundPlan:
     """The settings that shape every round of a run (one source for both engines).
 
-    ``lr`` is the rate at a batch of 64 under ``lr_scaling="linear"`` (see
+    ``lr`` is the rate at a batch of 64 under ``lr_scaling`` ``"sqrt"`` or ``"linear"`` (see
     :mod:`flwr_splitms.core.schedule`); the rest are the run-config keys of the same names.
     """
 

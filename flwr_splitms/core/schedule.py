@@ -1,10 +1,12 @@
 """Schedules: the learning rate of a round and of a step, and how a round's steps form messages.
 
-The learning-rate rule is the one users of SGD on ResNets know (Goyal et al., 2017, "Accurate,
-Large Minibatch SGD"): ``lr`` is the rate at a reference batch of :data:`LR_REFERENCE_BATCH`
-examples and scales linearly with the batch size (``lr-scaling="linear"``; ``"sqrt"``: with its
-square root, a larger rate below batch 64 and a smaller one above), and the first
-``warmup-steps`` steps of a run ramp up to it linearly. The server model's output layer trains
+The learning-rate rule: ``lr`` is the rate at a reference batch of :data:`LR_REFERENCE_BATCH`
+examples (the paper's 0.1 at 64) and scales with the square root of the batch size
+(``lr-scaling="sqrt"``, the default: Krizhevsky, 2014; Hoffer et al., 2017, keeping the gradient
+noise's scale), and the first ``warmup-steps`` steps of a run ramp up to it linearly.
+``"linear"`` scales with the batch size itself (Goyal et al., 2017, "Accurate, Large Minibatch
+SGD"): the same rate at batch 64, a smaller one below it (too small to learn in a short run at
+batch 8) and a larger one above. The server model's output layer trains
 at ``head-lr-scale`` (0.1) times that rate (applied by the server half's optimizer): at the
 full rate ResNet18's loss first climbs far above its start, at batch 8 and at 64 alike (the
 output layer's updates push every input's logits towards the current batch's classes).
@@ -27,10 +29,10 @@ def scaled_lr(lr: float, batch_size: int, scaling: str) -> float:
     """``lr`` for ``batch_size`` examples per client and step under the rule ``scaling``."""
     if scaling not in LR_SCALINGS:
         raise ValueError(f"unknown lr scaling {scaling!r}; choose one of {LR_SCALINGS}")
-    if scaling == "linear":
-        return lr * batch_size / LR_REFERENCE_BATCH
     if scaling == "sqrt":  # Krizhevsky (2014), Hoffer et al. (2017): the gradient noise's scale
         return lr * math.sqrt(batch_size / LR_REFERENCE_BATCH)
+    if scaling == "linear":  # Goyal et al. (2017)
+        return lr * batch_size / LR_REFERENCE_BATCH
     return lr
 
 
