@@ -146,3 +146,16 @@ def test_last_line_says_what_was_not_checked(capsys: pytest.CaptureFixture[str])
     assert "that imagenet is in data-root ~/.cache/flwr-splitms/data;" in last
     assert "batch-size against the partitions of imagenet" in last
     assert last.endswith("how many SuperNodes connect")
+
+
+def test_the_rate_at_the_runs_batch_is_shown(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["batch-size=16"]) == 0
+    assert (
+        '# lr 0.1 is the rate at batch 64: 0.05 at batch-size 16 (lr-scaling="sqrt"), '
+        "reached after a 10-step warmup"
+    ) in capsys.readouterr().out.splitlines()
+    assert main(["batch-size=16", 'lr-scaling="linear"', "warmup-steps=0"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert '# lr 0.1 is the rate at batch 64: 0.025 at batch-size 16 (lr-scaling="linear")' in out
+    assert main(['lr-scaling="none"', "lr=0.05", "warmup-steps=0"]) == 0
+    assert '# lr 0.05 as given (lr-scaling="none")' in capsys.readouterr().out.splitlines()

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from flwr_splitms.core.schedule import LR_REFERENCE_BATCH, scaled_lr
+
 from .overrides import parse_pairs
 from .record import ConfigError, SplitConfig, validate
 from .rules import show
@@ -150,6 +152,18 @@ def partition_problems(
     ]
 
 
+def lr_note(config: SplitConfig) -> str:
+    """The rate the run trains at: ``lr`` is given at batch 64 and scaled by ``lr-scaling``."""
+    rate = scaled_lr(config.lr, config.batch_size, config.lr_scaling)
+    ramp = f", reached after a {config.warmup_steps}-step warmup" if config.warmup_steps else ""
+    if config.lr_scaling == "none":
+        return f'# lr {config.lr:g} as given (lr-scaling="none"){ramp}'
+    return (
+        f"# lr {config.lr:g} is the rate at batch {LR_REFERENCE_BATCH}: {rate:.4g} at batch-size "
+        f'{config.batch_size} (lr-scaling="{config.lr_scaling}"){ramp}'
+    )
+
+
 def not_checked(config: SplitConfig, nodes_given: bool) -> str:
     """The final line: what cannot be known without the run's data and machines."""
     items = []
@@ -231,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(effective_lines(config)))
     for key in config.unused_keys():
         print(f"# note: {key} is set but codec {config.codec!r} does not use it")
+    print(lr_note(config))
     for line in notes:
         print(line)
     print(not_checked(config, args.nodes is not None))
