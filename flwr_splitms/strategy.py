@@ -35,7 +35,7 @@ from flwr_splitms.codecs import Codec
 from flwr_splitms.config import SplitConfig
 from flwr_splitms.core.link import link_for
 from flwr_splitms.core.round import RoundPlan, SplitRun, codec_params_of, with_scores
-from flwr_splitms.core.schedule import scaled_lr
+from flwr_splitms.core.schedule import describe_lr
 from flwr_splitms.data import BatchSource
 from flwr_splitms.evaluation import central_evaluator, evaluation_content, score_replies
 from flwr_splitms.history import HISTORY_COLUMNS
@@ -201,14 +201,13 @@ class MSSplitStrategy(FedAvg):
         log.info("\t└──> Aggregator: %s", type(self.aggregator).__name__)
         p = self.plan
         log.info(
-            "\t└──> Split: codec %s %s | grad codec %s %s | lr %s at batch 64, %.4g at batch %d "
-            "(%s scaling, %s, warmup %d, output layer x%s) | BatchNorm statistics %s | batch %d "
-            "| steps/round %s | steps/message %d | device %s",
+            "\t└──> Split: codec %s %s | grad codec %s %s | %s; %s schedule, warmup %d, output "
+            "layer x%s | BatchNorm statistics %s | steps/round %s | steps/message %d | device %s",
             *(p.codec_name, dict(p.codec_params), p.grad_codec_name, dict(p.grad_codec_params)),
-            *(p.lr, scaled_lr(p.lr, p.batch_size, p.lr_scaling), p.batch_size, p.lr_scaling),
+            describe_lr(p.lr, p.batch_size, p.lr_scaling),
             *(p.lr_schedule, p.warmup_steps, p.head_lr_scale),
             "re-estimated each round" if p.reestimate_bn else "running averages",
-            *(p.batch_size, p.steps_per_round or "one epoch", p.steps_per_message),
+            *(p.steps_per_round or "one epoch", p.steps_per_message),
             self.run.server.device,
         )
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from flwr_splitms.core.schedule import LR_REFERENCE_BATCH, scaled_lr
+from flwr_splitms.core.schedule import describe_lr
 
 from .overrides import parse_pairs
 from .record import ConfigError, SplitConfig, validate
@@ -154,14 +154,8 @@ def partition_problems(
 
 def lr_note(config: SplitConfig) -> str:
     """The rate the run trains at: ``lr`` is given at batch 64 and scaled by ``lr-scaling``."""
-    rate = scaled_lr(config.lr, config.batch_size, config.lr_scaling)
     ramp = f", reached after a {config.warmup_steps}-step warmup" if config.warmup_steps else ""
-    if config.lr_scaling == "none":
-        return f'# lr {config.lr:g} as given (lr-scaling="none"){ramp}'
-    return (
-        f"# lr {config.lr:g} is the rate at batch {LR_REFERENCE_BATCH}: {rate:.4g} at batch-size "
-        f'{config.batch_size} (lr-scaling="{config.lr_scaling}"){ramp}'
-    )
+    return f"# {describe_lr(config.lr, config.batch_size, config.lr_scaling)}{ramp}"
 
 
 def not_checked(config: SplitConfig, nodes_given: bool) -> str:

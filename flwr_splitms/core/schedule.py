@@ -36,6 +36,17 @@ def scaled_lr(lr: float, batch_size: int, scaling: str) -> float:
     return lr
 
 
+def describe_lr(lr: float, batch_size: int, scaling: str) -> str:
+    """The rate a run trains at, in words (the strategy's start-up log, the config check)."""
+    if scaling == "none":
+        return f'lr {lr:g} as given (lr-scaling="none")'
+    rate = scaled_lr(lr, batch_size, scaling)
+    return (
+        f"lr {lr:g} is the rate at batch {LR_REFERENCE_BATCH}: {rate:.4g} at batch-size "
+        f'{batch_size} (lr-scaling="{scaling}")'
+    )
+
+
 def warmup_factor(global_step: int, warmup_steps: int) -> float:
     """Share of the round's rate used at the run's ``global_step`` (0-based): a linear ramp."""
     if warmup_steps <= 0 or global_step >= warmup_steps:
